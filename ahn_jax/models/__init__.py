@@ -1,0 +1,1 @@
+"""ahn_jax.models"""

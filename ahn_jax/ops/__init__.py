@@ -1,0 +1,4 @@
+"""Pure-JAX operators (imports only jax and numpy). Each has a plain reference; Pallas kernels are `impl`s of them.
+
+Exports are filled in as the ops land: gated_delta_rule, delta_rule, ssd, ttt_mlp, attention.
+"""
