@@ -17,8 +17,9 @@ def backend() -> str:
 
 
 def make_mesh(axis_shapes, axis_names, devices=None):
-    """jax.make_mesh with explicit axis types (required to be passed on 0.11; accepted on 0.10)."""
-    axis_types = (jax.sharding.AxisType.Explicit,) * len(axis_names)
+    """jax.make_mesh with its axis types passed explicitly (0.11 wants them). Auto axes: XLA's sharding propagation
+    (GSPMD) places intermediates, as the training step and the models expect."""
+    axis_types = (jax.sharding.AxisType.Auto,) * len(axis_names)
     kwargs = {"axis_types": axis_types}
     if devices is not None:
         kwargs["devices"] = devices
