@@ -2,3 +2,5 @@
 
 Exports are filled in as the ops land: gated_delta_rule, delta_rule, ssd, ttt_mlp, attention.
 """
+
+from ahn_jax.ops.attention import attention, cached_attention  # noqa: E402,F401
