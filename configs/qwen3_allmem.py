@@ -1,0 +1,16 @@
+"""AllMem (TTT SwiGLU memory) on Qwen3-1.7B (ALLMEM.md §6 and §10 defaults): random window, sinks and write chunk
+(chunk <= window), KL over every valid token (the memory acts at every position)."""
+
+from configs import base
+
+
+def get_config(arg=None):
+    c = base.get_config(arg)
+    c.ahn.memory = "ttt_mlp"
+    c.ahn.chunk_size = 2048
+    c.window.kind = "allmem"
+    c.data.loss_mask = "all"
+    c.data.filter_len = 512
+    c.data.cutoff_len = 16384
+    c.data.buckets = (4096, 8192, 16384)
+    return c
