@@ -1,0 +1,396 @@
+"""Sliding-window + sink flash attention in Pallas, forward and backward (jax.custom_vjp).
+
+A query at position t sees the key j iff  j <= t  and  (t - j < window  or  j < sinks)  (the predicate of
+ahn_jax.ops.window.attention_visible, restated in `_visible` because pallas_kernels may not import ahn_jax).
+
+Cost is O(T * (window + sinks)): every key loop visits only the blocks that hold visible keys.
+  forward / dq   grid (B, Hq, nQ): for query block i, the sink blocks [0, min(nsb, lo)) then the window blocks [lo, hi).
+  dk / dv        grid (B, Hkv, nK + nsb * n_split): program j < nK owns key block j and walks the query blocks whose
+                 window reaches it, over the `group` query heads of its KV head (GQA without repeating K/V). Sink key
+                 blocks are seen by *every* later query, so their tail of query blocks [q_tail, nQ) is cut into
+                 `n_split` chunks handled by extra programs (j >= nK) that write partial sums into extra rows of the
+                 output; the wrapper adds them back. No program walks more than ~(window + block)/block_q query blocks,
+                 so the sinks do not create one long straggler program.
+Numerics: bf16 (or f32) in, float32 scores/accumulators, online softmax, exact log-sum-exp (natural log).
+Sequence lengths that are not a multiple of the block are zero-padded; padded keys lie after every real query and
+are removed by causality, padded queries are sliced off (their cotangents are zero, so they add nothing to dk/dv).
+
+GPU lowering: Pallas Triton, chosen by passing its CompilerParams (jax 0.10 and 0.11 both select the backend from the
+type of `compiler_params`; 0.11 deprecates but still ships it). On CPU the same kernel bodies run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NEG_INF = float("-inf")
+
+
+def _visible(q_pos, k_pos, window, sinks):
+    """May query q_pos attend key k_pos? Same predicate as ahn_jax.ops.window.attention_visible."""
+    return (k_pos <= q_pos) & ((q_pos - k_pos < window) | (k_pos < sinks))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    window: int
+    sinks: int
+    scale: float
+    seq_len: int  # real T
+    padded_len: int
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+    num_warps: int | None
+    num_warps_bwd: int | None
+    num_stages: int | None
+    interpret: bool
+
+
+def _dot(a, b, contract_a, contract_b):
+    """Float32-accumulating 2-D matmul contracting a's dim `contract_a` with b's dim `contract_b`."""
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _compiler_params(cfg: _Config, num_warps):
+    if cfg.interpret:
+        return None
+    from jax.experimental.pallas import triton as pl_triton  # lazy: pulls the GPU backend
+
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
+
+
+def _query_range_of_key_block(kb, cfg, block_q, block_k, num_q_blocks):
+    """Query blocks [lo, hi) whose window reaches key block kb (sink key blocks: up to the static tail start)."""
+    lo = lax.div(kb * block_k, block_q)
+    last_window_query = (kb + 1) * block_k - 2 + cfg.window  # last query seeing the block's last key by the window
+    hi = jnp.minimum(num_q_blocks, lax.div(last_window_query, block_q) + 1)
+    q_tail = _sink_tail_start(cfg, block_q, block_k, num_q_blocks)
+    num_sink_blocks = _num_sink_blocks(cfg, block_k)
+    return lo, jnp.where(kb < num_sink_blocks, q_tail, hi)
+
+
+def _num_sink_blocks(cfg, block_k):
+    return -(-cfg.sinks // block_k)
+
+
+def _sink_tail_start(cfg, block_q, block_k, num_q_blocks):
+    """First query block that sees the sink blocks only through the sink rule (static)."""
+    nsb = _num_sink_blocks(cfg, block_k)
+    if nsb == 0:
+        return num_q_blocks
+    return min(num_q_blocks, (nsb * block_k - 2 + cfg.window) // block_q + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------- forward
+
+
+def _key_block_ranges(q_start, cfg, block_q, block_k):
+    """Key blocks a query block visits: sinks [0, sink_hi) and window [win_lo, win_hi), disjoint."""
+    win_lo = lax.div(jnp.maximum(q_start - cfg.window + 1, 0), block_k)
+    win_hi = lax.div(q_start + block_q - 1, block_k) + 1
+    sink_hi = jnp.minimum(_num_sink_blocks(cfg, block_k), win_lo)
+    return sink_hi, win_lo, win_hi
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    bq, bk = cfg.block_q, cfg.block_k
+    q_start = pl_program_id(2) * bq
+    q = q_ref[...]
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+    def visit(kb, carry):
+        m, l, acc = carry
+        k_start = kb * bk
+        k = k_ref[pl_ds(k_start, bk), :]
+        v = v_ref[pl_ds(k_start, bk), :]
+        s = _dot(q, k, 1, 1) * cfg.scale
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        s = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), s, _NEG_INF)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not NaN.
+        m_shift = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+        p = jnp.exp(s - m_shift[:, None])
+        alpha = jnp.exp(m - m_shift)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
+        return m_new, l, acc
+
+    d = q.shape[-1]
+    carry = (jnp.full((bq,), _NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
+    sink_hi, win_lo, win_hi = _key_block_ranges(q_start, cfg, bq, bk)
+    carry = lax.fori_loop(0, sink_hi, visit, carry)
+    m, l, acc = lax.fori_loop(win_lo, win_hi, visit, carry)
+    # Every row sees at least its own key (window >= 1), padded rows included, so l > 0.
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _forward(q, k, v, cfg: _Config):
+    """Padded q [B,Tp,Hq,D], k/v [B,Tp,Hkv,D] -> (o [B,Tp,Hq,D], lse [B,Hq,Tp] float32)."""
+    pl = _pallas()
+    b, tp, hq, d = q.shape
+    group = hq // k.shape[2]
+    bq = cfg.block_q
+    grid = (b, hq, tp // bq)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
+    kv_spec = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, h // group, 0))
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg),
+        grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg, cfg.num_warps),
+        name="swa_attention_fwd",
+    )(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------- backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    q_start = pl_program_id(2) * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+
+    def visit(kb, dq):
+        k_start = kb * bk
+        k = k_ref[pl_ds(k_start, bk), :]
+        v = v_ref[pl_ds(k_start, bk), :]
+        s = _dot(q, k, 1, 1) * cfg.scale
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        p = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(do, v, 1, 1) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, 1, 0)
+
+    sink_hi, win_lo, win_hi = _key_block_ranges(q_start, cfg, bq, bk)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = lax.fori_loop(0, sink_hi, visit, dq)
+    dq = lax.fori_loop(win_lo, win_hi, visit, dq)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, group: int,
+                 num_k_blocks: int, n_split: int, split_len: int):
+    # Scores are formed transposed (keys x queries) so dk = ds^T q and dv = p^T do need no register transposes.
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    num_q_blocks = cfg.padded_len // bq
+    hkv = pl_program_id(1)
+    j = pl_program_id(2)
+    is_tail = j >= num_k_blocks
+    tail = jnp.maximum(j - num_k_blocks, 0)
+    kb = jnp.where(is_tail, lax.div(tail, max(n_split, 1)), j)
+    lo, hi = _query_range_of_key_block(kb, cfg, bq, bk, num_q_blocks)
+    q_tail = _sink_tail_start(cfg, bq, bk, num_q_blocks)
+    split_lo = q_tail + lax.rem(tail, max(n_split, 1)) * split_len
+    lo = jnp.where(is_tail, split_lo, lo)
+    hi = jnp.where(is_tail, jnp.minimum(split_lo + split_len, num_q_blocks), hi)
+
+    k_start = kb * bk
+    k = k_ref[pl_ds(k_start, bk), :]
+    v = v_ref[pl_ds(k_start, bk), :]
+    k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+
+    def visit_head(g, carry):
+        h = hkv * group + g
+
+        def visit(qb, carry):
+            dk, dv = carry
+            q_start = qb * bq
+            q = q_ref[pl_ds(q_start, bq), h, :]
+            do = do_ref[pl_ds(q_start, bq), h, :]
+            lse = lse_ref[h, pl_ds(q_start, bq)]
+            delta = delta_ref[h, pl_ds(q_start, bq)]
+            s_t = _dot(k, q, 1, 1) * cfg.scale  # [bk, bq]
+            q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+            p_t = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), jnp.exp(s_t - lse[None, :]), 0.0)
+            dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
+            ds_t = p_t * (_dot(v, do, 1, 1) - delta[None, :])
+            dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
+            return dk, dv
+
+        return lax.fori_loop(lo, hi, visit, carry)
+
+    d = k.shape[-1]
+    zeros = jnp.zeros((bk, d), jnp.float32)
+    dk, dv = lax.fori_loop(0, group, visit_head, (zeros, zeros))
+    dk_ref[...] = dk * cfg.scale
+    dv_ref[...] = dv
+
+
+def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
+    """Padded tensors in, (dq, dk, dv) padded out, in the input dtypes."""
+    pl = _pallas()
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    # delta_i = sum_d dO*O - dlse_i: the lse cotangent enters the softmax gradient as a per-row shift.
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
+    row_spec = pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
+    kv_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, h // group, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg),
+        grid=(b, hq, tp // bq),
+        in_specs=[q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd),
+        name="swa_attention_dq",
+    )(q, k, v, do, lse, delta)
+
+    num_q_blocks, num_k_blocks = tp // bq, tp // bk
+    nsb = _num_sink_blocks(cfg, bk)
+    q_tail = _sink_tail_start(cfg, bq, bk, num_q_blocks)
+    # Chunk the sink blocks' tail of queries like a window's worth of work per program.
+    split_len = max(1, -(-(cfg.window + bk) // bq))
+    n_split = -(-(num_q_blocks - q_tail) // split_len) if nsb else 0
+    n_extra = nsb * n_split
+    rows = tp + n_extra * bk
+    qfull = pl.BlockSpec((None, tp, hq, d), lambda bi, h, j: (bi, 0, 0, 0))
+    kvh_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, j: (bi, 0, h, 0))
+    rows_full = pl.BlockSpec((None, hq, tp), lambda bi, h, j: (bi, 0, 0))
+    out_spec = pl.BlockSpec((None, bk, None, d), lambda bi, h, j: (bi, j, h, 0))
+    dk_all, dv_all = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, group=group, num_k_blocks=num_k_blocks, n_split=n_split,
+                          split_len=split_len),
+        grid=(b, hkv, num_k_blocks + n_extra),
+        in_specs=[qfull, kvh_full, kvh_full, qfull, rows_full, rows_full],
+        out_specs=[out_spec, out_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)] * 2,
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd),
+        name="swa_attention_dkdv",
+    )(q, k, v, do, lse, delta)
+
+    def fold(x_all):
+        x = x_all[:, :tp]
+        if n_extra:
+            extra = x_all[:, tp:].reshape(b, nsb, n_split, bk, hkv, d).sum(axis=2).reshape(b, nsb * bk, hkv, d)
+            x = x.at[:, : nsb * bk].add(extra)
+        return x
+
+    return dq, fold(dk_all).astype(k.dtype), fold(dv_all).astype(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _swa_padded(q, k, v, cfg):
+    return _forward(q, k, v, cfg)
+
+
+def _swa_padded_fwd(q, k, v, cfg):
+    o, lse = _forward(q, k, v, cfg)
+    return (o, lse), (q, k, v, o, lse)
+
+
+def _swa_padded_bwd(cfg, res, cotangents):
+    q, k, v, o, lse = res
+    do, dlse = cotangents
+    return _backward(q, k, v, o, lse, do.astype(q.dtype), dlse.astype(jnp.float32), cfg)
+
+
+_swa_padded.defvjp(_swa_padded_fwd, _swa_padded_bwd)
+
+
+def _pallas():
+    from jax.experimental import pallas as pl  # lazy: importing Pallas is slow
+
+    return pl
+
+
+def pl_program_id(axis):
+    return _pallas().program_id(axis)
+
+
+def pl_ds(start, size):
+    return _pallas().ds(start, size)
+
+
+def _default_blocks(d):
+    """(block_q, block_k, block_q_bwd, block_k_bwd, warps, warps_bwd, stages) by head_dim, sized for Hopper."""
+    if d <= 64:
+        return 128, 64, 64, 64, 4, 4, 3
+    if d <= 128:
+        return 128, 64, 64, 64, 8, 8, 2
+    return 64, 32, 32, 32, 8, 8, 2
+
+
+def _check_block(name, value):
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"swa_attention: {name}={value} must be a positive power of two")
+
+
+def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None = None, return_lse: bool = False,
+                  block_q: int | None = None, block_k: int | None = None, block_q_bwd: int | None = None,
+                  block_k_bwd: int | None = None, num_warps: int | None = None, num_warps_bwd: int | None = None,
+                  num_stages: int | None = None, interpret: bool | None = None):
+    """Sliding-window + sink attention: query t sees keys j <= t with t - j < window or j < sinks.
+
+    Args:
+      q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv)).
+        bf16 or float32; D in {64, 128, 256} on GPU (any multiple of 16 in interpret mode).
+      window: static int >= 1 (the pure window, not counting sinks). sinks: static int >= 0.
+      scale: score scale, default D ** -0.5.
+      return_lse: also return the natural-log log-sum-exp of the visible scaled scores, [B, T, Hq] float32
+        (differentiable, for merging with another attention part).
+      block_*: tile sizes (powers of two) for the forward and backward kernels; None picks defaults by D, clamped to T.
+      interpret: run the Pallas kernels in interpret mode; None means "on CPU".
+    Returns:
+      o [B, T, Hq, D] in q's dtype, or (o, lse) with return_lse.
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"swa_attention: {name} must be [B, T, H, D], got shape {x.shape}")
+    b, t, hq, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"swa_attention: k {k.shape} and v {v.shape} must be [B, T, Hkv, D] matching q {q.shape}")
+    if hq % k.shape[2]:
+        raise ValueError(f"swa_attention: q heads {hq} not a multiple of kv heads {k.shape[2]}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"swa_attention: window must be a static int >= 1, got {window!r}")
+    if not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"swa_attention: sinks must be a static int >= 0, got {sinks!r}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    dq_, dk_, dqb, dkb, warps, warps_bwd, stages = _default_blocks(d)
+    # Small sequences: shrink default tiles to the sequence (never below 16, the smallest matmul tile).
+    cap = max(16, 1 << max(0, math.ceil(math.log2(max(t, 1)))))
+    block_q = block_q or min(dq_, cap)
+    block_k = block_k or min(dk_, cap)
+    block_q_bwd = block_q_bwd or min(dqb, cap)
+    block_k_bwd = block_k_bwd or min(dkb, cap)
+    for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
+                        ("block_k_bwd", block_k_bwd)):
+        _check_block(name, value)
+    tile = max(block_q, block_k, block_q_bwd, block_k_bwd)
+    tp = -(-t // tile) * tile
+    cfg = _Config(window=min(window, tp), sinks=min(sinks, t), scale=float(d ** -0.5 if scale is None else scale),
+                  seq_len=t, padded_len=tp, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
+                  block_k_bwd=block_k_bwd, num_warps=num_warps or warps, num_warps_bwd=num_warps_bwd or warps_bwd,
+                  num_stages=num_stages or stages, interpret=bool(interpret))
+    if tp != t:
+        pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    o, lse = _swa_padded(q, k, v, cfg)
+    o = o[:, :t]
+    if not return_lse:
+        return o
+    return o, jnp.swapaxes(lse[:, :, :t], 1, 2)
