@@ -78,3 +78,24 @@ def test_missing_file_is_a_clear_error(tmp_path):
         sources.open_source(str(tmp_path / "nope.jsonl"))
     with pytest.raises(FileNotFoundError, match="no data files"):
         sources.open_source(str(tmp_path / "*.jsonl"))
+
+
+def test_tfds_source_decodes_bytes_and_counts_bad_rows(monkeypatch):
+    """TfdsSource over a stand-in for `tfds.data_source` (a real builder needs prepared array_record files and
+    packages this CPU image lacks): bytes fields are decoded, chat and text rows normalised, bad rows counted."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rows = [{"text": b"the fox walked ."}, {"text": b""},
+            {"conversations": [{"from": b"human", "value": b"what is fox ?"}, {"from": b"gpt", "value": b"4 2"}]}]
+    calls = {}
+
+    def fake_data_source(name, split, data_dir=None):
+        calls.update(name=name, split=split)
+        return rows
+
+    monkeypatch.setattr(tfds, "data_source", fake_data_source)
+    stats = sources.RecordStats()
+    src = sources.open_source("tfds:my_builder:validation", stats)
+    assert calls == {"name": "my_builder", "split": "validation"} and len(src) == 3
+    assert src[0] == {"text": "the fox walked ."}
+    assert src[1] is None and stats.skipped == {"empty_text": 1}
+    assert src[2]["messages"][1] == {"role": "assistant", "content": "4 2"}
