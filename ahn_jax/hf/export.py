@@ -91,6 +91,7 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, config: QwenConfig, tensors: 
             json.dump(hf_config, f, indent=2)
         for path in extra_files:
             shutil.copy2(path, os.path.join(tmp, os.path.basename(path)))
+        chmod_like_mkdir(tmp)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,3 +120,10 @@ def _plan_shards(tensors: Mapping[str, object], max_shard_bytes: int) -> list[li
         shards[-1].append(name)
         size += n
     return shards
+
+
+def chmod_like_mkdir(path: str) -> None:
+    """mkdtemp makes a 0700 directory; give the final output the permissions a plain mkdir would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

@@ -103,10 +103,12 @@ def flat_params(state) -> tuple[dict[str, object], Callable[[dict[str, object]],
 
 
 def check_checkpoint(config: QwenConfig, file_tensors: dict[str, tuple[tuple[int, ...], object]],
-                     param_shapes: dict[str, tuple[int, ...]], source: str) -> dict[str, NameRule]:
-    """Validate names and shapes of a checkpoint before reading any data; returns the rules to apply.
+                     param_shapes: dict[str, tuple[int, ...]], source: str,
+                     read: Callable[[str], np.ndarray] | None = None) -> dict[str, NameRule]:
+    """Validate names and shapes of a checkpoint before reading parameter data; returns the rules to apply.
 
     file_tensors: {HF name: (shape, dtype)}; param_shapes: {our path: shape}. Raises ValueError naming the tensor.
+    `read` is only used to check that a tied checkpoint's stored lm_head.weight equals the embedding table.
     """
     rules = name_map(config)
     ours = {r.path for r in rules.values()}
@@ -114,8 +116,16 @@ def check_checkpoint(config: QwenConfig, file_tensors: dict[str, tuple[tuple[int
         raise RuntimeError(f"name map out of sync with the model: only in map {sorted(ours - set(param_shapes))[:5]}, "
                            f"only in model {sorted(set(param_shapes) - ours)[:5]}")
     if config.tie_word_embeddings and "lm_head.weight" in file_tensors:
-        raise ValueError(f"{source}: config.json says tie_word_embeddings=true but the checkpoint has tensor "
-                         f"'lm_head.weight'; refusing to guess which one is right (fix the config or the file)")
+        # Some releases (e.g. Qwen3-0.6B/1.7B) store a copy of the tied table; a bit-identical copy is consumed, any
+        # other lm_head is a disagreement we refuse to resolve by guessing (pitfall 3).
+        same = (read is not None and "model.embed_tokens.weight" in file_tensors
+                and tuple(file_tensors["lm_head.weight"][0]) == tuple(file_tensors["model.embed_tokens.weight"][0])
+                and np.array_equal(read("lm_head.weight"), read("model.embed_tokens.weight")))
+        if not same:
+            raise ValueError(f"{source}: config.json says tie_word_embeddings=true but the checkpoint has a tensor "
+                             f"'lm_head.weight' that differs from 'model.embed_tokens.weight'; refusing to guess which "
+                             f"one is right (fix tie_word_embeddings in config.json or the file)")
+        file_tensors = {k: v for k, v in file_tensors.items() if k != "lm_head.weight"}
     missing = sorted(set(rules) - set(file_tensors))
     if missing:
         hint = ""
@@ -145,7 +155,7 @@ def assign(config: QwenConfig, file_tensors: dict[str, tuple[tuple[int, ...], ob
     """
     leaves, rebuild = flat_params(state)
     shapes = {p: tuple(leaf.shape) for p, leaf in leaves.items()}
-    rules = check_checkpoint(config, file_tensors, shapes, source)
+    rules = check_checkpoint(config, file_tensors, shapes, source, read)
     filled: dict[str, object] = {}
     for name in progress(sorted(rules)):
         rule = rules[name]

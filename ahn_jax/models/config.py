@@ -181,7 +181,9 @@ def _rope(d: dict, source: str) -> tuple[float, YarnScaling | None]:
     if scaling is not None:
         if not isinstance(scaling, Mapping):
             raise ValueError(f"{source}: rope_scaling must be a dict or null, got {type(scaling).__name__}")
-        params = {**(params or {}), **scaling}
+        # Legacy rope_scaling wins over rope_parameters: its own type decides, whatever the other dict says.
+        scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+        params = {**(params or {}), **scaling, "rope_type": scaling_type}
         field = "rope_scaling"
     params = dict(params or {})
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
