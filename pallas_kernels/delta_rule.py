@@ -195,7 +195,8 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_s
                                save_states=save_states)
     args = [q, k, w, u] + ([gc] if gated else []) + [h0]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, dv // block_v), interpret=interpret,
-                          compiler_params=_compiler_params(4, 2), name="delta_rule_fwd")(*args)
+                          compiler_params=_compiler_params(4 if dk <= 128 else 8, 2),
+                          name="delta_rule_fwd")(*args)
     return outs
 
 
@@ -213,7 +214,7 @@ def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, int
     kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
     args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
-                          compiler_params=_compiler_params(4, 1), name="delta_rule_bwd")(*args)
+                          compiler_params=_compiler_params(8, 1), name="delta_rule_bwd")(*args)
     dq, dk_, dw, du = (x.sum(0) if x.ndim == 5 else x for x in outs[:4])
     dgc = outs[4].sum(0) if gated else None
     return dq, dk_, dw, du, dgc, outs[-1]

@@ -73,8 +73,9 @@ CASES = [
 def test_forward_matches_float64_recurrence(seed, b, t, h, dk, dv, chunk, block_v, gated, use_h0):
     q, k, v, g, beta, h0 = _inputs(seed, b, t, h, dk, dv, gated)
     h0 = h0 if use_h0 else None
-    o, ht = kernel.gated_delta_rule(q, k, v, g, beta, scale=0.7, initial_state=h0, output_final_state=True,
-                                    chunk_size=chunk, block_v=block_v, interpret=True)
+    run = jax.jit(lambda *a: kernel.gated_delta_rule(*a, scale=0.7, initial_state=h0, output_final_state=True,
+                                                     chunk_size=chunk, block_v=block_v, interpret=True))
+    o, ht = run(q, k, v, g, beta)
     o_ref, ht_ref = _numpy_recurrence(q, k, v, g, beta, np.zeros((b, h, dk, dv)) if h0 is None else h0, 0.7)
     assert o.shape == (b, t, h, dv) and ht.shape == (b, h, dk, dv)
     assert np.all(np.isfinite(np.asarray(o)))
@@ -98,7 +99,8 @@ def test_vjp_matches_scan_reference(seed, b, t, h, dk, dv, chunk, block_v, gated
         return jnp.sum(o * cot) + jnp.sum(ht * cot_s)
 
     argnums = (0, 1, 2, 3, 4, 5) if gated else (0, 1, 2, 4, 5)
-    grads = jax.grad(loss_kernel, argnums=argnums)(q, k, v, g, beta, h0)
+    # jit: interpret mode run eagerly dispatches every op of the kernel body one by one (slow on CPU).
+    grads = jax.jit(jax.grad(loss_kernel, argnums=argnums))(q, k, v, g, beta, h0)
     grads_ref = jax.grad(loss_ref, argnums=argnums)(q, k, v, g, beta, h0)
     names = [n for n in ("q", "k", "v", "g", "beta", "h0") if gated or n != "g"]
     for name, got, want in zip(names, grads, grads_ref):
@@ -109,9 +111,9 @@ def test_vjp_matches_scan_reference(seed, b, t, h, dk, dv, chunk, block_v, gated
 
 def test_zero_initial_state_equals_none_and_final_state_optional():
     q, k, v, g, beta, h0 = _inputs(5, 1, 20, 1, 16, 16, True)
-    o1, s1 = kernel.gated_delta_rule(q, k, v, g, beta, chunk_size=8, interpret=True)
-    o2, s2 = kernel.gated_delta_rule(q, k, v, g, beta, chunk_size=8, interpret=True, initial_state=jnp.zeros_like(h0),
-                                     output_final_state=True)
+    o1, s1 = jax.jit(lambda *a: kernel.gated_delta_rule(*a, chunk_size=8, interpret=True))(q, k, v, g, beta)
+    o2, s2 = jax.jit(lambda *a: kernel.gated_delta_rule(*a, chunk_size=8, interpret=True, output_final_state=True,
+                                                        initial_state=jnp.zeros_like(h0)))(q, k, v, g, beta)
     assert s1 is None and s2.shape == h0.shape
     np.testing.assert_allclose(np.asarray(o1), np.asarray(o2), rtol=1e-6, atol=1e-6)
 
