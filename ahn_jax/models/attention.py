@@ -17,7 +17,8 @@ from ahn_jax.models.layers import Linear, RMSNorm, RotaryEmbedding
 
 
 class QwenAttention(nnx.Module):
-    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs | None):
+        # rngs=None: abstract parameters (ShapeDtypeStruct), used for loading
         c = config
         self.num_heads = c.num_attention_heads
         self.num_kv_heads = c.num_key_value_heads
@@ -32,8 +33,8 @@ class QwenAttention(nnx.Module):
         self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_proj_bias, dtype=dtype,
                              rngs=rngs)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, abstract=rngs is None)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, abstract=rngs is None)
         else:
             self.q_norm = None
             self.k_norm = None

@@ -17,16 +17,26 @@ from flax import nnx
 from ahn_jax.models.config import YarnScaling
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+def _normal(rngs: nnx.Rngs | None, shape, dtype, std=0.02):
+    """Random init; rngs=None builds an abstract parameter (ShapeDtypeStruct) without tracing anything.
+
+    (nnx.eval_shape over a 14B model spends tens of seconds in tracer bookkeeping; loading only needs the shapes.)
+    """
+    if rngs is None:
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+def _ones(shape, dtype, abstract: bool):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) if abstract else jnp.ones(shape, dtype)
 
 
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis in HF's cast order: float32 normalise, cast to input dtype, then * weight."""
 
-    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, abstract: bool = False):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.weight = nnx.Param(_ones((dim,), dtype, abstract))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., dim] -> [..., dim] in the promoted dtype of x and weight."""
@@ -38,7 +48,7 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out]."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs | None):
         self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
         self.bias = nnx.Param(_normal(rngs, (d_out,), dtype)) if bias else None
 
@@ -54,7 +64,7 @@ class Linear(nnx.Module):
 class SwiGLU(nnx.Module):
     """Qwen MLP: down(silu(gate(x)) * up(x)), no biases."""
 
-    def __init__(self, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, intermediate: int, *, dtype, rngs: nnx.Rngs | None):
         self.gate_proj = Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(hidden, intermediate, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate, hidden, bias=False, dtype=dtype, rngs=rngs)

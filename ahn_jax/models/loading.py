@@ -36,8 +36,7 @@ def is_orbax_dir(path: str | os.PathLike) -> bool:
 
 def abstract_split(config: QwenConfig, dtype):
     """(graphdef, abstract Param State of ShapeDtypeStructs) for a model with this config; allocates nothing."""
-    abstract = nnx.eval_shape(lambda: QwenForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
+    return nnx.split(QwenForCausalLM(config, dtype=dtype, abstract=True))
 
 
 def _to_device(path: str, value: np.ndarray, target) -> jax.Array:

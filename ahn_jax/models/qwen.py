@@ -38,7 +38,7 @@ def resolve_dtype(dtype):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, hidden: int, *, dtype, rngs: nnx.Rngs | None):
         self.embedding = nnx.Param(_normal(rngs, (vocab, hidden), dtype))
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -52,11 +52,11 @@ class Embed(nnx.Module):
 
 
 class QwenDecoderLayer(nnx.Module):
-    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs | None):
         c = config
-        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, abstract=rngs is None)
         self.self_attn = QwenAttention(c, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, abstract=rngs is None)
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -66,11 +66,11 @@ class QwenDecoderLayer(nnx.Module):
 
 
 class QwenModel(nnx.Module):
-    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, config: QwenConfig, *, dtype, rngs: nnx.Rngs | None):
         c = config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([QwenDecoderLayer(c, dtype=dtype, rngs=rngs) for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, abstract=rngs is None)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """input_ids [B, T] int32 -> final normed hidden states [B, T, hidden]."""
@@ -85,9 +85,13 @@ class QwenModel(nnx.Module):
 class QwenForCausalLM(nnx.Module):
     """Qwen causal LM. `model(input_ids)` -> logits [B, T, V] float32."""
 
-    def __init__(self, config: QwenConfig, *, dtype="float32", rngs: nnx.Rngs | None = None):
+    def __init__(self, config: QwenConfig, *, dtype="float32", rngs: nnx.Rngs | None = None, abstract: bool = False):
+        """abstract=True: parameters are ShapeDtypeStructs (nothing allocated); fill them with a loader."""
         dtype = resolve_dtype(dtype)
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        if abstract:
+            rngs = None
+        elif rngs is None:
+            rngs = nnx.Rngs(0)
         self.config = config
         self.dtype = jnp.dtype(dtype).name
         self.model = QwenModel(config, dtype=dtype, rngs=rngs)
@@ -125,7 +129,7 @@ jit_forward = jax.jit(forward, static_argnums=0)
 
 def abstract_model(config: QwenConfig, dtype: str = "bfloat16") -> QwenForCausalLM:
     """The model with ShapeDtypeStruct parameters (nothing allocated), for loading and parameter counting."""
-    return nnx.eval_shape(lambda: QwenForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    return QwenForCausalLM(config, dtype=dtype, abstract=True)
 
 
 def count_params(model: nnx.Module) -> int:

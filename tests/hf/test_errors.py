@@ -105,7 +105,8 @@ def test_pickled_bin_checkpoint_is_refused(tmp_path):
             if n.endswith(".safetensors"):
                 os.remove(path / n)
         torch.save({"x": torch.ones(2)}, path / "pytorch_model.bin")
-    _assert_fails_cleanly(str(path), tmp_path, SafetensorsError, r"pytorch_model\.bin.*pickled.*safe_serialization=True")
+    _assert_fails_cleanly(str(path), tmp_path, SafetensorsError,
+                          r"pytorch_model\.bin.*pickled.*safe_serialization=True")
 
 
 def test_existing_output_dir_is_not_overwritten(qwen2_dir, tmp_path):

@@ -64,7 +64,8 @@ def test_export_reloads_in_transformers_exactly(hf_checkpoint, tmp_path, variant
     reloaded.config._attn_implementation = "eager"
     ids = random_ids(1, SEQ, seed=7)
     np.testing.assert_array_equal(hf_logits(reloaded, ids), hf_logits(hf_model, ids))
-    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] == hf_model.config.tie_word_embeddings
+    exported_config = json.load(open(os.path.join(out, "config.json")))
+    assert exported_config["tie_word_embeddings"] == hf_model.config.tie_word_embeddings
 
 
 def _per_token_kl(p_logits, q_logits):
