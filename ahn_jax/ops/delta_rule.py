@@ -115,16 +115,23 @@ def _dr_recurrent(q, k, v, beta, *, scale, initial_state=None, chunk_size=None):
 # ------------------------------------------------------------------------------------------------------------ chunked
 
 def _to_chunks(x, n_chunks, chunk):
-    """[B,T,H,...] -> [n,B,H,C,...], zero-padding T up to n*C (zero rows are no-ops, see module docstring)."""
-    b, t, h = x.shape[:3]
+    """[B,T,H,...] -> [n,B,C,H,...], zero-padding T up to n*C (zero rows are no-ops, see module docstring).
+
+    Only the chunk axis moves to the front (free for B=1): the per-chunk [C,H] -> [H,C] transpose happens inside the
+    scan body, so no transposed copy of the whole sequence is materialised.
+    """
+    b, t = x.shape[:2]
     x = jnp.pad(x, [(0, 0), (0, n_chunks * chunk - t)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(b, n_chunks, chunk, h, *x.shape[3:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))
+    return jnp.moveaxis(x.reshape(b, n_chunks, chunk, *x.shape[2:]), 1, 0)
 
 
 def _chunk_body(state, xs, *, scale, out_dtype):
-    """One chunk: state [B,H,K,V] f32; q,k [B,H,C,K]; v [B,H,C,V]; g, beta [B,H,C] (g may be None)."""
-    q, k, v, g, beta = xs
+    """One chunk: state [B,H,K,V] f32; q,k [B,C,H,K]; v [B,C,H,V]; g, beta [B,C,H] (g may be None).
+
+    Returns (new state, o [B,C,H,V]).
+    """
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in xs[:3])  # [B,H,C,D]
+    g, beta = (None if x is None else jnp.swapaxes(x, 1, 2) for x in xs[3:])  # [B,H,C]
     c = q.shape[-2]
     beta = beta.astype(_F32)
     on_or_below = jnp.tril(jnp.ones((c, c), bool))
@@ -153,7 +160,7 @@ def _chunk_body(state, xs, *, scale, out_dtype):
     glast = gcum[..., -1]
     k_to_end = k32 * jnp.exp(glast[..., None] - gcum)[..., None]
     state = jnp.exp(glast)[..., None, None] * state + jnp.einsum("bhck,bhcv->bhkv", k_to_end, u)
-    return state, out.astype(out_dtype)
+    return state, jnp.swapaxes(out, 1, 2).astype(out_dtype)
 
 
 def _gdr_chunk(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
@@ -170,8 +177,8 @@ def _gdr_chunk(q, k, v, g, beta, *, scale, initial_state=None, chunk_size=64):
     def body(s, chunk_xs):
         return _chunk_body(s, chunk_xs, scale=scale, out_dtype=v.dtype)
 
-    state, o = lax.scan(body, state, xs)  # o [n,B,H,C,V]
-    o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, n * chunk, h, v.shape[-1])
+    state, o = lax.scan(body, state, xs)  # o [n,B,C,H,V]
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n * chunk, h, v.shape[-1])
     return o[:, :t], state
 
 

@@ -107,17 +107,21 @@ def _ssd_recurrent(x, dt, A, B, C, *, initial_states=None, chunk_size=None):
 
 # ------------------------------------------------------------------------------------------------------------ chunked
 
-def _to_chunks(a, n_chunks, chunk, n_head_axes):
-    """[B,T,*heads,*feat] -> [n,B,*heads,C,*feat], zero-padding T up to n*C."""
+def _to_chunks(a, n_chunks, chunk):
+    """[B,T,...] -> [n,B,C,...], zero-padding T up to n*C. Only the chunk axis moves (free for B=1); head-major
+    transposes happen per chunk inside the scan body, so no transposed copy of the sequence is materialised."""
     b, t = a.shape[:2]
     a = jnp.pad(a, [(0, 0), (0, n_chunks * chunk - t)] + [(0, 0)] * (a.ndim - 2))
-    a = a.reshape(b, n_chunks, chunk, *a.shape[2:])
-    return jnp.moveaxis(a, (1, 2), (0, 2 + n_head_axes))
+    return jnp.moveaxis(a.reshape(b, n_chunks, chunk, *a.shape[2:]), 1, 0)
 
 
 def _chunk_body(state, xs, *, A, out_dtype):
-    """One chunk. state [B,G,R,P,N] f32; x [B,G,R,C,P]; d [B,G,R,C] f32; B, C [B,G,C,N]; A [G,R]."""
-    x, d, Bm, Cm = xs
+    """One chunk. state [B,G,R,P,N] f32; x [B,C,G,R,P]; d [B,C,G,R] f32; B, C [B,C,G,N]; A [G,R].
+
+    Returns (new state, y [B,C,G,R,P])."""
+    x = jnp.moveaxis(xs[0], 1, 3)  # [B,G,R,C,P]
+    d = jnp.moveaxis(xs[1], 1, 3)  # [B,G,R,C]
+    Bm, Cm = (jnp.swapaxes(m, 1, 2) for m in xs[2:])  # [B,G,C,N]
     c = x.shape[-2]
     on_or_below = jnp.tril(jnp.ones((c, c), bool))
     acum = jnp.cumsum(d * A[..., None], axis=-1)  # [B,G,R,C]
@@ -132,7 +136,7 @@ def _chunk_body(state, xs, *, A, out_dtype):
     alast = acum[..., -1]
     x_to_end = x32 * (d * jnp.exp(alast[..., None] - acum))[..., None]
     state = jnp.exp(alast)[..., None, None] * state + jnp.einsum("bgrjp,bgjn->bgrpn", x_to_end, b32)
-    return state, y.astype(out_dtype)
+    return state, jnp.moveaxis(y, 3, 1).astype(out_dtype)
 
 
 def _ssd_chunk(x, dt, A, B, C, *, initial_states=None, chunk_size=256):
@@ -146,18 +150,18 @@ def _ssd_chunk(x, dt, A, B, C, *, initial_states=None, chunk_size=256):
     n = -(-t // chunk)
     state = jnp.zeros((b, h, p, n_state), _F32) if initial_states is None else initial_states.astype(_F32)
     state = state.reshape(b, g, r, p, n_state)
-    xs = (_to_chunks(x.reshape(b, t, g, r, p), n, chunk, 2),
-          _to_chunks(dt.astype(_F32).reshape(b, t, g, r), n, chunk, 2),
-          _to_chunks(B, n, chunk, 1),
-          _to_chunks(C, n, chunk, 1))
+    xs = (_to_chunks(x.reshape(b, t, g, r, p), n, chunk),
+          _to_chunks(dt.astype(_F32).reshape(b, t, g, r), n, chunk),
+          _to_chunks(B, n, chunk),
+          _to_chunks(C, n, chunk))
     a = A.astype(_F32).reshape(g, r)
 
     @jax.checkpoint
     def body(s, chunk_xs):
         return _chunk_body(s, chunk_xs, A=a, out_dtype=x.dtype)
 
-    state, y = lax.scan(body, state, xs)  # y [n,B,G,R,C,P]
-    y = jnp.moveaxis(y, (0, 4), (1, 2)).reshape(b, n * chunk, h, p)
+    state, y = lax.scan(body, state, xs)  # y [n,B,C,G,R,P]
+    y = jnp.moveaxis(y, 0, 1).reshape(b, n * chunk, h, p)
     return y[:, :t], state.reshape(b, h, p, n_state)
 
 
