@@ -51,6 +51,7 @@ class _Config:
     num_warps: int | None
     num_warps_bwd: int | None
     num_stages: int | None
+    num_stages_bwd: int | None
     interpret: bool
 
 
@@ -59,12 +60,12 @@ def _dot(a, b, contract_a, contract_b):
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _compiler_params(cfg: _Config, num_warps):
+def _compiler_params(cfg: _Config, num_warps, num_stages):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pl_triton  # lazy: pulls the GPU backend
 
-    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=cfg.num_stages)
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _query_range_of_key_block(kb, cfg, block_q, block_k, num_q_blocks):
@@ -91,13 +92,29 @@ def _sink_tail_start(cfg, block_q, block_k, num_q_blocks):
 
 # ----------------------------------------------------------------------------------------------------------- forward
 
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
 
 def _key_block_ranges(q_start, cfg, block_q, block_k):
-    """Key blocks a query block visits: sinks [0, sink_hi) and window [win_lo, win_hi), disjoint."""
+    """Key blocks a query block visits, as disjoint ranges with a static flag "needs the mask".
+
+    Sinks [0, sink_hi) are always masked (they are few). The window [win_lo, win_hi) splits into its masked left edge
+    [win_lo, full_lo), fully visible middle [full_lo, full_hi) (causal for every pair and inside every query's window),
+    and masked diagonal [full_hi, win_hi). Skipping the mask in the middle saves elementwise work per score.
+    """
     win_lo = lax.div(jnp.maximum(q_start - cfg.window + 1, 0), block_k)
     win_hi = lax.div(q_start + block_q - 1, block_k) + 1
     sink_hi = jnp.minimum(_num_sink_blocks(cfg, block_k), win_lo)
-    return sink_hi, win_lo, win_hi
+    # Window-full: the last query's window reaches the block's first key: k_start >= q_start + block_q - window.
+    full_lo = _clamp(lax.div(jnp.maximum(q_start + block_q - cfg.window, 0) + block_k - 1, block_k), win_lo, win_hi)
+    # Causal-full: the block's last key is <= the first query: k_start + block_k <= q_start + 1.
+    full_hi = _clamp(lax.div(q_start + 1, block_k), full_lo, win_hi)
+    return ((0, sink_hi, True), (win_lo, full_lo, True), (full_lo, full_hi, False), (full_hi, win_hi, True))
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
@@ -105,32 +122,34 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     q_start = pl_program_id(2) * bq
     q = q_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    scale2 = cfg.scale * _LOG2E  # scores in log2 units: exp2 is the hardware's native exponential
 
-    def visit(kb, carry):
+    def visit(kb, carry, masked):
         m, l, acc = carry
         k_start = kb * bk
         k = k_ref[pl_ds(k_start, bk), :]
         v = v_ref[pl_ds(k_start, bk), :]
-        s = _dot(q, k, 1, 1) * cfg.scale
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        s = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), s, _NEG_INF)
+        s = _dot(q, k, 1, 1) * scale2
+        if masked:
+            k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            s = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), s, _NEG_INF)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp gives 0, not NaN.
+        # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
         m_shift = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-        p = jnp.exp(s - m_shift[:, None])
-        alpha = jnp.exp(m - m_shift)
+        p = jnp.exp2(s - m_shift[:, None])
+        alpha = jnp.exp2(m - m_shift)
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 1, 0)
         return m_new, l, acc
 
     d = q.shape[-1]
     carry = (jnp.full((bq,), _NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
-    sink_hi, win_lo, win_hi = _key_block_ranges(q_start, cfg, bq, bk)
-    carry = lax.fori_loop(0, sink_hi, visit, carry)
-    m, l, acc = lax.fori_loop(win_lo, win_hi, visit, carry)
+    for lo, hi, masked in _key_block_ranges(q_start, cfg, bq, bk):
+        carry = lax.fori_loop(lo, hi, functools.partial(visit, masked=masked), carry)
+    m, l, acc = carry
     # Every row sees at least its own key (window >= 1), padded rows included, so l > 0.
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    lse_ref[...] = (m + jnp.log2(l)) * _LN2
 
 
 def _forward(q, k, v, cfg: _Config):
@@ -141,7 +160,7 @@ def _forward(q, k, v, cfg: _Config):
     bq = cfg.block_q
     grid = (b, hq, tp // bq)
     q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
-    kv_spec = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, h // group, 0))
+    kv_spec = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, lax.div(h, group), 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid=grid,
@@ -149,7 +168,7 @@ def _forward(q, k, v, cfg: _Config):
         out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg, cfg.num_warps),
+        compiler_params=_compiler_params(cfg, cfg.num_warps, cfg.num_stages),
         name="swa_attention_fwd",
     )(q, k, v)
 
@@ -162,24 +181,25 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
     q_start = pl_program_id(2) * bq
     q = q_ref[...]
     do = do_ref[...]
-    lse = lse_ref[...]
+    lse2 = lse_ref[...] * _LOG2E
     delta = delta_ref[...]
     q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    scale2 = cfg.scale * _LOG2E
 
-    def visit(kb, dq):
+    def visit(kb, dq, masked):
         k_start = kb * bk
         k = k_ref[pl_ds(k_start, bk), :]
         v = v_ref[pl_ds(k_start, bk), :]
-        s = _dot(q, k, 1, 1) * cfg.scale
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        p = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.exp2(_dot(q, k, 1, 1) * scale2 - lse2[:, None])
+        if masked:
+            k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+            p = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), p, 0.0)
         ds = p * (_dot(do, v, 1, 1) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0)
 
-    sink_hi, win_lo, win_hi = _key_block_ranges(q_start, cfg, bq, bk)
     dq = jnp.zeros(q.shape, jnp.float32)
-    dq = lax.fori_loop(0, sink_hi, visit, dq)
-    dq = lax.fori_loop(win_lo, win_hi, visit, dq)
+    for lo, hi, masked in _key_block_ranges(q_start, cfg, bq, bk):
+        dq = lax.fori_loop(lo, hi, functools.partial(visit, masked=masked), dq)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -198,31 +218,40 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
     split_lo = q_tail + lax.rem(tail, max(n_split, 1)) * split_len
     lo = jnp.where(is_tail, split_lo, lo)
     hi = jnp.where(is_tail, jnp.minimum(split_lo + split_len, num_q_blocks), hi)
-
     k_start = kb * bk
+    # Fully visible query blocks [full_lo, full_hi): causal for the block's last key, and inside the window of the
+    # block's first key for every query (or the whole key block is sinks, seen by every later query).
+    full_lo = _clamp(lax.div(k_start + bk - 1 + bq - 1, bq), lo, hi)
+    window_full_hi = lax.div(k_start + cfg.window, bq)
+    full_hi = _clamp(jnp.where(k_start + bk <= cfg.sinks, num_q_blocks, window_full_hi), full_lo, hi)
+
     k = k_ref[pl_ds(k_start, bk), :]
     v = v_ref[pl_ds(k_start, bk), :]
     k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+    scale2 = cfg.scale * _LOG2E
 
     def visit_head(g, carry):
         h = hkv * group + g
 
-        def visit(qb, carry):
+        def visit(qb, carry, masked):
             dk, dv = carry
             q_start = qb * bq
             q = q_ref[pl_ds(q_start, bq), h, :]
             do = do_ref[pl_ds(q_start, bq), h, :]
-            lse = lse_ref[h, pl_ds(q_start, bq)]
+            lse2 = lse_ref[h, pl_ds(q_start, bq)] * _LOG2E
             delta = delta_ref[h, pl_ds(q_start, bq)]
-            s_t = _dot(k, q, 1, 1) * cfg.scale  # [bk, bq]
-            q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
-            p_t = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), jnp.exp(s_t - lse[None, :]), 0.0)
+            p_t = jnp.exp2(_dot(k, q, 1, 1) * scale2 - lse2[None, :])  # [bk, bq]
+            if masked:
+                q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+                p_t = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), p_t, 0.0)
             dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
             ds_t = p_t * (_dot(v, do, 1, 1) - delta[None, :])
             dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
             return dk, dv
 
-        return lax.fori_loop(lo, hi, visit, carry)
+        for a, b, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+            carry = lax.fori_loop(a, b, functools.partial(visit, masked=masked), carry)
+        return carry
 
     d = k.shape[-1]
     zeros = jnp.zeros((bk, d), jnp.float32)
@@ -242,7 +271,7 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     row_spec = pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))
     q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
-    kv_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, h // group, 0))
+    kv_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, lax.div(h, group), 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(b, hq, tp // bq),
@@ -250,7 +279,7 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd),
+        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd, cfg.num_stages_bwd),
         name="swa_attention_dq",
     )(q, k, v, do, lse, delta)
 
@@ -274,7 +303,7 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)] * 2,
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd),
+        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd, cfg.num_stages_bwd),
         name="swa_attention_dkdv",
     )(q, k, v, do, lse, delta)
 
@@ -325,12 +354,14 @@ def pl_ds(start, size):
 
 
 def _default_blocks(d):
-    """(block_q, block_k, block_q_bwd, block_k_bwd, warps, warps_bwd, stages) by head_dim, sized for Hopper."""
-    if d <= 64:
-        return 128, 64, 64, 64, 4, 4, 3
+    """(block_q, block_k, block_q_bwd, block_k_bwd, warps, warps_bwd, stages, stages_bwd) by head_dim.
+
+    D <= 128: the best of the tile sweep on an H100 (benchmarks/NOTES_swa.md); D = 256: smaller tiles so the
+    float32 accumulators fit in registers, not measured.
+    """
     if d <= 128:
-        return 128, 64, 64, 64, 8, 8, 2
-    return 64, 32, 32, 32, 8, 8, 2
+        return 64, 64, 64, 64, 4, 4, 3, 3
+    return 64, 32, 32, 32, 8, 8, 2, 2
 
 
 def _check_block(name, value):
@@ -341,7 +372,7 @@ def _check_block(name, value):
 def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None = None, return_lse: bool = False,
                   block_q: int | None = None, block_k: int | None = None, block_q_bwd: int | None = None,
                   block_k_bwd: int | None = None, num_warps: int | None = None, num_warps_bwd: int | None = None,
-                  num_stages: int | None = None, interpret: bool | None = None):
+                  num_stages: int | None = None, num_stages_bwd: int | None = None, interpret: bool | None = None):
     """Sliding-window + sink attention: query t sees keys j <= t with t - j < window or j < sinks.
 
     Args:
@@ -370,7 +401,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
         raise ValueError(f"swa_attention: sinks must be a static int >= 0, got {sinks!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    dq_, dk_, dqb, dkb, warps, warps_bwd, stages = _default_blocks(d)
+    dq_, dk_, dqb, dkb, warps, warps_bwd, stages, stages_bwd = _default_blocks(d)
     # Small sequences: shrink default tiles to the sequence (never below 16, the smallest matmul tile).
     cap = max(16, 1 << max(0, math.ceil(math.log2(max(t, 1)))))
     block_q = block_q or min(dq_, cap)
@@ -385,7 +416,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     cfg = _Config(window=min(window, tp), sinks=min(sinks, t), scale=float(d ** -0.5 if scale is None else scale),
                   seq_len=t, padded_len=tp, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
                   block_k_bwd=block_k_bwd, num_warps=num_warps or warps, num_warps_bwd=num_warps_bwd or warps_bwd,
-                  num_stages=num_stages or stages, interpret=bool(interpret))
+                  num_stages=num_stages or stages, num_stages_bwd=num_stages_bwd or stages_bwd,
+                  interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

@@ -114,7 +114,7 @@ def test_matches_dense_reference_forward_and_gradients(t, hq, hkv, window, sinks
 
 def test_bfloat16_inputs_and_no_lse():
     # bf16 operands: the kernel rounds p and ds to bf16 before its matmuls, so the tolerance is bf16's.
-    _check(7, b=2, t=80, hq=4, hkv=2, d=32, window=24, sinks=4, dtype=jnp.bfloat16, tol=3e-2, with_lse=False)
+    _check(7, b=2, t=80, hq=4, hkv=2, d=32, window=50, sinks=4, dtype=jnp.bfloat16, tol=3e-2, with_lse=False)
 
 
 def test_default_tiles_and_scale():
