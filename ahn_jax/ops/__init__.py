@@ -4,6 +4,7 @@ Exports are filled in as the ops land: gated_delta_rule, delta_rule, ssd, ttt_ml
 """
 
 from ahn_jax.ops.attention import attention, cached_attention  # noqa: E402,F401
-from ahn_jax.ops.delta_rule import (  # noqa: E402,F401
-    delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step, l2_normalize)
-from ahn_jax.ops.ssd import ssd, ssd_step  # noqa: E402,F401
+# `delta_rule` and `ssd` stay the submodules (models import them as modules); their functions are
+# ahn_jax.ops.delta_rule.delta_rule and ahn_jax.ops.ssd.ssd.
+from ahn_jax.ops.delta_rule import gated_delta_rule, gated_delta_rule_step, delta_rule_step  # noqa: E402,F401
+from ahn_jax.ops.ssd import ssd_step  # noqa: E402,F401
