@@ -119,6 +119,41 @@ def smoke():
             ROWS.append({"kind": "smoke", "gated": gated, "dtype": jnp.dtype(dtype).name, "rel_err": errs})
 
 
+def sweep():
+    """Where the forward time goes (WY preparation vs the sequential kernel) and the best block_v / warps."""
+    name, b, t, h, d = SHAPES[0]
+    x = make_inputs(b, t, h, d)
+    q, k, v, beta = (jnp.asarray(x[n], jnp.bfloat16) for n in ("q", "k", "v", "beta"))
+    g = jnp.asarray(x["g"])
+    prep = jax.jit(lambda k, v, g, beta: pk._prepare(k, v, g, beta, 64))
+    res = {"prep_ms": time_jax(prep, k, v, g, beta)}
+    w, u, gc = prep(k, v, g, beta)
+    h0 = jnp.zeros((b, h, d, d), jnp.float32)
+    best = None
+    for bv in (64, 32, 16):
+        for warps in (4, 8, 2):
+            pk.FWD_WARPS = warps
+            kern = jax.jit(lambda q, k, w, u, gc, h0: pk._run_forward(q, k, w, u, gc, h0, chunk=64, scale=d ** -0.5,
+                                                                        block_v=bv, interpret=False,
+                                                                        save_states=False)[0])
+            try:
+                ms = time_jax(kern, q, k, w, u, gc, h0)
+            except Exception as e:  # noqa: BLE001
+                log(f"sweep bv={bv} warps={warps} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            res[f"kernel_bv{bv}_w{warps}_ms"] = ms
+            if best is None or ms < best[0]:
+                best = (ms, bv, warps)
+    if best is None:
+        log("sweep: no configuration compiled")
+        return
+    pk.DEFAULT_BLOCK_V, pk.FWD_WARPS = best[1], best[2]
+    res["best"] = {"block_v": best[1], "fwd_warps": best[2], "kernel_ms": best[0]}
+    log("sweep", name, res)
+    ROWS.append({"kind": "sweep", **res})
+    save()
+
+
 def fla_fns(gated):
     import torch
     if gated:
@@ -214,6 +249,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smoke test plus the first shape only")
     ap.add_argument("--no-smoke", action="store_true")
     ap.add_argument("--no-xla", action="store_true")
+    ap.add_argument("--full-bwd", action="store_true", help="also fwd+bwd at B8 T4096 and B1 T131072")
+    ap.add_argument("--sweep", action="store_true", help="time prep vs kernel, pick block_v / warps first")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script on CPU")
     args = ap.parse_args()
     if args.tiny:
@@ -222,9 +259,13 @@ def main():
     if not args.no_smoke:
         smoke()
         save()
+    if args.sweep:
+        sweep()
     plan = [(SHAPES[0], True, ("fwd", "bwd")), (SHAPES[0], False, ("fwd", "bwd"))]
     if not args.quick:
-        plan += [(SHAPES[1], True, ("fwd", "bwd")), (SHAPES[2], True, ("fwd", "bwd")), (SHAPES[3], True, ("fwd",))]
+        plan += [(SHAPES[1], True, ("fwd",)), (SHAPES[2], True, ("fwd",)), (SHAPES[3], True, ("fwd",))]
+        if args.full_bwd:
+            plan += [(SHAPES[1], True, ("bwd",)), (SHAPES[2], True, ("bwd",))]
     for i, ((name, b, t, h, d), gated, modes) in enumerate(plan):
         try:
             bench_shape(name, b, t, h, d, gated, modes, with_xla=not args.no_xla and i == 0)

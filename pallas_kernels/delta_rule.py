@@ -27,6 +27,11 @@ from jax import lax
 from pallas_kernels.common import check_rank, chunk_cumsum, pad_time, wy_factors
 
 F32 = jnp.float32
+# Tuning knobs (GPU): value-block width when the caller gives none, and Triton warps per program. Batch-1 long
+# sequences need block_v small enough that B*H*V/block_v programs fill the GPU's SMs (benchmarks/NOTES_delta_rule.md).
+DEFAULT_BLOCK_V = 64
+FWD_WARPS = 4
+BWD_WARPS = 8
 
 
 def _pl():
@@ -176,7 +181,7 @@ def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
 
 def _pick_block_v(dv: int, block_v):
     if block_v is None:
-        block_v = 64 if dv % 64 == 0 else dv
+        block_v = DEFAULT_BLOCK_V if dv % DEFAULT_BLOCK_V == 0 else dv
     if dv % block_v:
         raise ValueError(f"block_v={block_v} must divide the value dimension V={dv} of v")
     return block_v
@@ -195,7 +200,7 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_s
                                save_states=save_states)
     args = [q, k, w, u] + ([gc] if gated else []) + [h0]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, dv // block_v), interpret=interpret,
-                          compiler_params=_compiler_params(4 if dk <= 128 else 8, 2),
+                          compiler_params=_compiler_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS, 2),
                           name="delta_rule_fwd")(*args)
     return outs
 
@@ -214,7 +219,7 @@ def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, int
     kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
     args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
-                          compiler_params=_compiler_params(8, 1), name="delta_rule_bwd")(*args)
+                          compiler_params=_compiler_params(BWD_WARPS, 1), name="delta_rule_bwd")(*args)
     dq, dk_, dw, du = (x.sum(0) if x.ndim == 5 else x for x in outs[:4])
     dgc = outs[4].sum(0) if gated else None
     return dq, dk_, dw, du, dgc, outs[-1]
