@@ -57,7 +57,7 @@ def make(kind, seed=0, randomize=True, **kw):
     mem = CLASSES[kind](D, H, DH, rngs=nnx.Rngs(seed), **kw)
     if randomize:  # every parameter random (o_proj included) so that nothing is hidden behind a zero or a one
         rng = np.random.default_rng(seed + 100)  # numpy: no per-shape XLA compiles in tests
-        for path, var in nnx.state(mem, MemoryParam).flat_state():
+        for path, var in nnx.to_flat_state(nnx.state(mem, MemoryParam)):
             name = path[-1]
             noise = rng.normal(size=var.shape).astype(np.float32)
             getattr(mem, name)[...] = jnp.asarray(1.0 + 0.3 * noise if name in ("o_norm", "norm") else 0.3 * noise)
@@ -83,7 +83,7 @@ def step(mem, q_t, k_t, v_t, gates_t, u_r_t, state):
 
 
 def np_params(mem):
-    return {path[-1]: np.asarray(var[...], np.float64) for path, var in nnx.state(mem, MemoryParam).flat_state()}
+    return {path[-1]: np.asarray(var[...], np.float64) for path, var in nnx.to_flat_state(nnx.state(mem, MemoryParam))}
 
 
 def sigmoid(x):
