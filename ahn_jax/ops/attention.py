@@ -13,7 +13,8 @@ Implementations (registered with `ops.dispatch` at the bottom of this file):
            in the output dtype (bf16) and drops its gradient (the cuDNN VJP ignores the residual's cotangent), so a
            log-sum-exp merge with a separate sink part would be neither accurate nor differentiable. With sinks > 0,
            "auto" skips cudnn and an explicit impl="cudnn" raises. UNTESTED ON GPU from this repository's CPU CI.
-  "splash" TPU: Pallas splash attention with a computed causal & (local | sinks) mask. UNTESTED ON TPU.
+  "splash" TPU: Pallas splash attention with a causal & (local | sinks) mask computed inside the kernel. Tested
+           against "xla" (forward and gradients) in Pallas interpret mode on CPU; UNTESTED ON A REAL TPU.
 
 `window` and `sinks` may be Python ints (static) or traced int32 scalars (sampled per training step without
 recompiling). With a traced window the key slab of the xla impl is sized by the static bound `max_window` (default:
@@ -209,8 +210,11 @@ def _splash_unsupported(q, window, sinks, return_lse):
     return None
 
 
-def _splash_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_sinks):
-    """TPU splash attention (untested: no TPU in CI). Pads T to a multiple of 512; GQA via the MQA kernel per group."""
+def _splash_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_sinks, interpret=False):
+    """TPU splash attention (untested on a TPU). Pads T to a multiple of 512; GQA via the MQA kernel per group.
+
+    `interpret=True` runs the Pallas kernel in interpret mode (CPU tests).
+    """
     reason = _splash_unsupported(q, window, sinks, return_lse)
     if reason:
         raise ValueError(f"attention(impl='splash'): {reason}")
@@ -226,8 +230,10 @@ def _splash_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_s
     class _SinksOrLocalMask(sm._ComputableMask):  # computed in-kernel: no [T, T] array is built
         def __init__(self, shape):
             def visible(q_ids, kv_ids):
-                m = attention_visible(q_ids, kv_ids, w, s)
-                return np.asarray(m) if isinstance(q_ids, np.ndarray) else m
+                if isinstance(q_ids, np.ndarray):  # mask preprocessing at trace time: evaluate now, as numpy
+                    with jax.ensure_compile_time_eval():
+                        return np.asarray(attention_visible(q_ids, kv_ids, w, s))
+                return attention_visible(q_ids, kv_ids, w, s)  # inside the kernel
             super().__init__(shape=shape, mask_function=visible)
 
         def __eq__(self, other):
@@ -237,12 +243,12 @@ def _splash_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_s
             return hash((type(self), self.shape, w, s))
 
     mask = sm.MultiHeadMask([_SinksOrLocalMask((T_pad, T_pad)) for _ in range(G)])
-    kernel = sk.make_splash_mqa_single_device(mask)
+    kernel = sk.make_splash_mqa_single_device(mask, interpret=interpret)
     pad = ((0, 0), (0, T_pad - T), (0, 0), (0, 0))
     qp = (jnp.pad(q, pad) * jnp.asarray(scale, q.dtype)).reshape(B, T_pad, Hkv, G, D)
     kp, vp = jnp.pad(k, pad), jnp.pad(v, pad)
     # per (batch, kv head): q [G, T, D], k and v [T, D]
-    per_head = jax.vmap(kernel, in_axes=(1, 1, 1), out_axes=1)  # over kv heads
+    per_head = jax.vmap(kernel)  # over kv heads
     out = jax.vmap(per_head)(qp.transpose(0, 2, 3, 1, 4), kp.transpose(0, 2, 1, 3), vp.transpose(0, 2, 1, 3))
     # out [B, Hkv, G, T_pad, D] -> [B, T, Hq, D]
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T_pad, Hq, D)[:, :T].astype(q.dtype)
