@@ -36,11 +36,11 @@ def dense_reference(q, k, v, mask, scale):
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def random_qkv(seed, groups, hkv=2, t=T, dtype=jnp.float32):
+def random_qkv(seed, groups, hkv=2, t=T, dtype=jnp.float32, d=D):
     r = np.random.default_rng(seed)
-    q = jnp.asarray(r.normal(size=(2, t, hkv * groups, D)), dtype)
-    k = jnp.asarray(r.normal(size=(2, t, hkv, D)), dtype)
-    v = jnp.asarray(r.normal(size=(2, t, hkv, D)), dtype)
+    q = jnp.asarray(r.normal(size=(2, t, hkv * groups, d)), dtype)
+    k = jnp.asarray(r.normal(size=(2, t, hkv, d)), dtype)
+    v = jnp.asarray(r.normal(size=(2, t, hkv, d)), dtype)
     return q, k, v
 
 
@@ -248,8 +248,7 @@ def test_cached_attention_equals_attention_on_an_in_order_cache_and_zeros_empty_
 
 @pytest.mark.gpu
 def test_cudnn_matches_xla_on_gpu():  # untested here: needs a GPU
-    q, k, v = random_qkv(14, 2, t=256, dtype=jnp.bfloat16)
-    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 64 - D))) for x in (q, k, v))
+    q, k, v = random_qkv(14, 2, t=256, dtype=jnp.bfloat16, d=64)
     for window in (1, 7, 64, 256):
         got = attention(q, k, v, window=window, impl="cudnn")
         want = attention(q, k, v, window=window, impl="xla")
@@ -269,10 +268,8 @@ def test_cudnn_matches_xla_on_gpu():  # untested here: needs a GPU
 
 def test_splash_kernel_in_interpret_mode_matches_reference():
     """The TPU splash wrapper (mask, GQA grouping, padding, scale) run by Pallas' interpreter on CPU."""
-    r = np.random.default_rng(16)
-    q = jnp.asarray(r.normal(size=(2, T, 4, 128)), jnp.float32)
-    k = jnp.asarray(r.normal(size=(2, T, 2, 128)), jnp.float32)
-    v = jnp.asarray(r.normal(size=(2, T, 2, 128)), jnp.float32)
+    q, k, v = random_qkv(16, 2, d=128)
+    r = np.random.default_rng(17)
     pos = np.arange(T)
 
     def splash(q, k, v, window, sinks):
@@ -293,8 +290,7 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
 
 @pytest.mark.tpu
 def test_splash_matches_xla_on_tpu():  # untested here: needs a TPU
-    q, k, v = random_qkv(15, 2, t=600, dtype=jnp.bfloat16)
-    q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 128 - D))) for x in (q, k, v))
+    q, k, v = random_qkv(15, 2, t=600, dtype=jnp.bfloat16, d=128)
     for window, sinks in [(1, 0), (7, 4), (64, 1), (600, 0)]:
         got = attention(q, k, v, window=window, sinks=sinks, impl="splash")
         want = attention(q, k, v, window=window, sinks=sinks, impl="xla")
