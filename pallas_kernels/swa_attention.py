@@ -360,7 +360,7 @@ def _default_blocks(d):
     float32 accumulators fit in registers, not measured.
     """
     if d <= 128:
-        return 64, 64, 64, 64, 4, 4, 3, 3
+        return 64, 64, 64, 64, 4, 4, 3, 2
     return 64, 32, 32, 32, 8, 8, 2, 2
 
 
