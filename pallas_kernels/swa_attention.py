@@ -377,13 +377,15 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
 
     Args:
       q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] with Hq % Hkv == 0 (query head h reads KV head h // (Hq // Hkv)).
-        bf16 or float32; D in {64, 128, 256} on GPU (any multiple of 16 in interpret mode).
+        bf16 or float32; D a multiple of 16 (64 / 128 / 256 are the intended head sizes).
       window: static int >= 1 (the pure window, not counting sinks). sinks: static int >= 0.
       scale: score scale, default D ** -0.5.
       return_lse: also return the natural-log log-sum-exp of the visible scaled scores, [B, T, Hq] float32
         (differentiable, for merging with another attention part).
       block_*: tile sizes (powers of two) for the forward and backward kernels; None picks defaults by D, clamped to T.
+      num_warps*, num_stages*: Triton launch settings (GPU only) for the forward / backward kernels; None: defaults.
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
+    D = 64 and 128 ran on an H100; D = 256 runs in interpret mode (tests) but its GPU tiles are untimed.
     Returns:
       o [B, T, Hq, D] in q's dtype, or (o, lse) with return_lse.
     """
