@@ -385,7 +385,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       block_*: tile sizes (powers of two) for the forward and backward kernels; None picks defaults by D, clamped to T.
       num_warps*, num_stages*: Triton launch settings (GPU only) for the forward / backward kernels; None: defaults.
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
-    D = 64 and 128 ran on an H100; D = 256 runs in interpret mode (tests) but its GPU tiles are untimed.
+    Only D = 128 ran on a GPU (H100); other head sizes are tested in interpret mode, their GPU tiles untimed.
     Returns:
       o [B, T, Hq, D] in q's dtype, or (o, lse) with return_lse.
     """
