@@ -12,7 +12,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 def tiny_hf_config(vocab_size: int, model_type: str = "qwen2") -> dict:
     return {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab_size, "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
 
 def tiny_model(vocab_size: int, seed: int = 0, model_type: str = "qwen2"):

@@ -86,3 +86,33 @@ def test_cli_errors_are_clear(model_dir, tmp_path):
     with pytest.raises(SystemExit, match="needs --data"):
         evaluate.main(["--model", str(model_dir), "--variant", "teacher", "--bench", "lveval", "--out",
                        str(tmp_path)])
+
+
+class _RecomputingCacheModel:
+    """A stand-in with the public prefill/decode API whose 'cache' is the token list (logits recomputed in full)."""
+
+    def __init__(self, logits_fn):
+        self.logits_fn = logits_fn
+
+    def prefill(self, ids):
+        return self.logits_fn(ids), [int(t) for t in np.asarray(ids)[0]]
+
+    def decode(self, token, cache):
+        cache = cache + [int(np.asarray(token)[0, 0])]
+        return np.asarray(self.logits_fn(np.asarray([cache], np.int32)))[:, -1], cache  # [1, V] form
+
+
+def test_cache_decoder_adapter_matches_reference_greedy():
+    from ahn_jax.data.tokenizer import load_tiny_tokenizer
+    from ahn_jax.eval.runner import greedy_generate_fn
+
+    vocab = len(load_tiny_tokenizer())
+    _, logits_fn = tiny_model(vocab, seed=3)
+    prompt = list(np.random.default_rng(5).integers(5, vocab, size=9))
+    reference = greedy_generate_fn(logits_fn, bucket=16)(prompt, 4)
+    cached = evaluate.cached_greedy_generate_fn(_RecomputingCacheModel(logits_fn), eos_ids=set())
+    assert cached(prompt, 4) == reference
+    # Generation stops at (and includes) an end token, like the reference decoder.
+    end = reference[-1]
+    stop = evaluate.cached_greedy_generate_fn(_RecomputingCacheModel(logits_fn), eos_ids={end})
+    assert stop(prompt, 4) == reference[:reference.index(end) + 1]

@@ -69,6 +69,8 @@ def test_scores_follow_dataset_rules(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == res
     md = (tmp_path / "results.md").read_text()
     assert "| hotpotqa | 50.00 | 2 |" in md and "| **average** | 75.00 | |" in md
+    needle = [{"id": "n", "dataset": "needle_4096", "pred": " It is 1234567.", "answers": ["1234567"], "fields": {}}]
+    assert R.score_predictions(needle, "needle")["datasets"]["needle_4096"]["score"] == 100.0
     with pytest.raises(ValueError, match="no metric for dataset"):
         R.score_predictions([{**records[0], "dataset": "nope"}], "longbench")
 
