@@ -1,10 +1,6 @@
 """AHN memory modules (GDN, DN, Mamba2): parallel == step loop, chunk == recurrent through the module, gates and the
 AHN head against hand-written float64 formulas, zero-init o_proj, shape errors."""
 
-import importlib
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,38 +15,6 @@ from ahn_jax.models.memory.mamba2 import Mamba2Memory
 B, N, D, H, DH = 2, 13, 24, 2, 8
 KINDS = ("gated_deltanet", "deltanet", "mamba2")
 CLASSES = {"gated_deltanet": GatedDeltaNetMemory, "deltanet": DeltaNetMemory, "mamba2": Mamba2Memory}
-
-
-def _test_ssd_module():
-    """A token-by-token SSD recurrence for this test only, used while ahn_jax.ops.ssd has not landed."""
-
-    def ssd_step(x, dt, a, b, c, state, *, dt_bias=None, dt_softplus=False, D=None):
-        dt = dt.astype(jnp.float32) + (0.0 if dt_bias is None else dt_bias)
-        dt = jax.nn.softplus(dt) if dt_softplus else dt
-        x32, b32, c32 = (t.astype(jnp.float32) for t in (x, b, c))
-        state = state * jnp.exp(dt * a)[..., None, None] + dt[..., None, None] * x32[..., :, None] * b32[..., None, :]
-        return jnp.einsum("bhpn,bhn->bhp", state, c32).astype(x.dtype), state
-
-    def ssd(x, dt, a, b, c, *, chunk_size=256, dt_bias=None, dt_softplus=False, initial_states=None,
-            return_final_states=False, impl="auto", D=None):
-        s0 = initial_states if initial_states is not None else jnp.zeros((x.shape[0], x.shape[2], x.shape[3],
-                                                                          b.shape[3]), jnp.float32)
-        def body(s, xs):
-            y, s = ssd_step(*xs[:2], a, *xs[2:], s, dt_bias=dt_bias, dt_softplus=dt_softplus)
-            return s, y
-        s, ys = jax.lax.scan(body, s0, tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, b, c)))
-        ys = jnp.moveaxis(ys, 0, 1)
-        return (ys, s) if return_final_states else ys
-
-    return types.SimpleNamespace(ssd=ssd, ssd_step=ssd_step)
-
-
-@pytest.fixture(autouse=True)
-def _ssd_available(monkeypatch):
-    try:
-        importlib.import_module("ahn_jax.ops.ssd")
-    except ImportError:
-        monkeypatch.setattr(sys.modules["ahn_jax.models.memory.mamba2"], "_ssd_ops", _test_ssd_module)
 
 
 def make(kind, seed=0, randomize=True, **kw):
@@ -132,7 +96,7 @@ def reference(kind, p, q, k, v, u_w, u_r):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_module_matches_float64_reference(kind):
-    mem = make(kind, impl="recurrent" if kind != "mamba2" else "auto")
+    mem = make(kind)
     q, k, v, u_w, u_r = inputs()
     y, _ = run(mem, q, k, v, u_w, u_r)
     assert mem(q[:, :2], k[:, :2], v[:, :2], mem.write_gates(u_w[:, :2]), u_r[:, :2])[1] is None
@@ -178,7 +142,9 @@ def test_parallel_equals_step_loop(kind):
         np.testing.assert_allclose(state, final, rtol=1e-5, atol=1e-5)
 
 
+@nnx.jit
 def _loss_and_grads(mem, q, k, v, u_w, u_r, w):
+    """sum(y * w) and its gradients wrt the memory parameters and q, k, v (compiled once per module config)."""
     graphdef, params, rest = nnx.split(mem, MemoryParam, ...)
 
     def loss(params, q, k, v):
@@ -186,7 +152,7 @@ def _loss_and_grads(mem, q, k, v, u_w, u_r, w):
         y, _ = m(q, k, v, m.write_gates(u_w), u_r)
         return jnp.sum(y * w)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(params, q, k, v)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -205,7 +171,7 @@ def test_chunk_impl_equals_recurrent_impl_through_module(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fresh_module_outputs_exact_zero_and_grad_reaches_o_proj(kind):
-    mem = make(kind, randomize=False)  # as initialised: o_proj == 0
+    mem = make(kind, randomize=False, impl="chunk", chunk_size=4)  # as initialised: o_proj == 0
     q, k, v, u_w, u_r = inputs(seed=6)
     y, _ = run(mem, q, k, v, u_w, u_r)
     assert y.shape == (B, N, H * DH)
