@@ -77,10 +77,10 @@ class AHNConfig:
             if not all(_is_int(i) and i >= 0 for i in layers) or len(set(layers)) != len(layers):
                 raise ValueError(f"AHNConfig.layers must be distinct ints >= 0; got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
-        for name in ("chunk_size", "max_window", "max_sinks"):
+        for name, lowest in (("chunk_size", 1), ("max_window", 1), ("max_sinks", 0)):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0 and name != "max_sinks" or value < 0):
-                raise ValueError(f"AHNConfig.{name} must be None or a positive int; got {value!r}")
+            if value is not None and (not _is_int(value) or value < lowest):
+                raise ValueError(f"AHNConfig.{name} must be None or an int >= {lowest}; got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"AHNConfig.dtype={self.dtype!r} is not supported; choose one of {DTYPES}")
         for name, choices in TTT_CHOICES.items():
