@@ -104,14 +104,35 @@ def load_variant(args, variant: str):
     return load_pretrained(args.model, dtype=args.dtype, ahn=ahn, ahn_weights=args.ahn_weights)
 
 
-def jit_logits_fn(model):
-    """ids [1, T] -> logits [1, T, V] (the model's default path: student for hybrids), jitted once per shape."""
+def jit_last_logits_fn(model):
+    """(ids [1, T], position) -> logits [V] of that one position: hidden states, then the LM head on one row."""
     import jax
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
-    return lambda ids: fn(state, jax.numpy.asarray(ids, jax.numpy.int32))
+
+    def last(state, ids, position):
+        m = nnx.merge(graphdef, state)
+        h = jax.lax.dynamic_slice_in_dim(m.hidden_states(ids), position, 1, axis=1)
+        return m.logits(h)[0, 0]
+
+    fn = jax.jit(last)
+    return lambda ids, position: fn(state, jax.numpy.asarray(ids, jax.numpy.int32), position)
+
+
+def lazy_logits_fn(model):
+    """ids [T] -> LazyLogits: jitted hidden states once, the LM head applied per chunk of rows by token_nll."""
+    import jax
+    from flax import nnx
+
+    from ahn_jax.eval.perplexity import LazyLogits
+
+    graphdef, state = nnx.split(model)
+    hidden = jax.jit(lambda state, ids: nnx.merge(graphdef, state).hidden_states(ids)[0])
+    head = jax.jit(lambda state, h: nnx.merge(graphdef, state).logits(h[None])[0])
+    vocab = model.config.vocab_size
+    return lambda ids: LazyLogits(hidden(state, jax.numpy.asarray(ids, jax.numpy.int32)[None]),
+                                  lambda h: head(state, h), vocab)
 
 
 def jit_hidden_fn(model):
@@ -159,7 +180,7 @@ def make_generate_fn(args, model, tokenizer):
         raise SystemExit(f"--decoder cache: {type(model).__name__} has no prefill/decode yet")
     if has_cache and args.decoder != "reference":
         return cached_greedy_generate_fn(model, eos_ids), eos_ids
-    return greedy_generate_fn(jit_logits_fn(model), eos_ids=eos_ids), eos_ids
+    return greedy_generate_fn(last_logits_fn=jit_last_logits_fn(model), eos_ids=eos_ids), eos_ids
 
 
 def load_tokenizer(args):
@@ -222,8 +243,7 @@ def run_ppl(args) -> dict:
             continue
         if variant != "teacher" and args.window is None:
             raise SystemExit(f"ppl variant {variant!r} needs --window")
-        logits = jit_logits_fn(load_variant(args, variant))
-        fns[variant] = lambda ids, f=logits: f(ids[None])[0]
+        fns[variant] = lazy_logits_fn(load_variant(args, variant))
     result = perplexity.perplexity_by_position(docs, fns, bucket_size=args.ppl_bucket, max_length=args.max_length)
     result.update(window=args.window, sinks=args.sinks, memory=args.memory)
     out = pathlib.Path(args.out) / "ppl"

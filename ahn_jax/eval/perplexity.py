@@ -18,8 +18,22 @@ import pathlib
 import numpy as np
 
 
+class LazyLogits:
+    """Logits [T, V] computed on demand, `chunk` rows at a time, from hidden states [T, D] and an LM head function
+    (head_fn(h [n, D]) -> [n, V]): at 128k tokens and a 152k vocabulary the full float32 matrix would be ~78 GB.
+    Supports exactly what token_nll uses: `.shape` and row slices."""
+
+    def __init__(self, hidden, head_fn, vocab_size: int):
+        self.hidden, self.head_fn = hidden, head_fn
+        self.shape = (int(hidden.shape[0]), int(vocab_size))
+
+    def __getitem__(self, rows: slice):
+        return np.asarray(self.head_fn(self.hidden[rows]))
+
+
 def token_nll(logits, ids, chunk: int = 1024) -> np.ndarray:
-    """logits [T, V], ids [T] -> NLL [T - 1] (float64) of ids[1:] given the prefix, computed `chunk` rows at a time."""
+    """logits [T, V] (an array or LazyLogits), ids [T] -> NLL [T - 1] (float64) of ids[1:] given the prefix,
+    computed `chunk` rows at a time."""
     ids = np.asarray(ids)
     if logits.shape[0] != ids.shape[0]:
         raise ValueError(f"logits have {logits.shape[0]} rows but ids have {ids.shape[0]} tokens")

@@ -141,14 +141,20 @@ def write_results(results: dict, out_dir, title: str = "", stem: str = "results"
     _atomic_write(out_dir / f"{stem}.md", results_markdown(results, title))
 
 
-def greedy_generate_fn(logits_fn, *, eos_ids=(), bucket: int = 64):
+def greedy_generate_fn(logits_fn=None, *, last_logits_fn=None, eos_ids=(), bucket: int = 64):
     """A plain greedy `generate_fn` over full-sequence logits: the reference decoder (no cache).
 
-    logits_fn(ids [1, T] int32) -> [1, T, V]. Each step recomputes the whole sequence, padded on the right up to a
+    logits_fn(ids [1, T] int32) -> [1, T, V]; or last_logits_fn(ids [1, T] int32, position int) -> [V], the logits
+    of one position only (what long contexts need: no [T, V] matrix). Each step recomputes the whole sequence, padded on the right up to a
     multiple of `bucket` so a jitted logits_fn compiles once per bucket (causal attention: padding after the last real
     token does not change its logits). Cost O(T) forwards per token: for tests and short contexts only; real runs use
     ahn_jax.inference.generation with the constant-size cache.
     """
+    if (logits_fn is None) == (last_logits_fn is None):
+        raise ValueError("greedy_generate_fn needs exactly one of logits_fn and last_logits_fn")
+    if last_logits_fn is None:
+        def last_logits_fn(ids, position):
+            return np.asarray(logits_fn(ids))[0, position]
     eos_ids = set(int(e) for e in eos_ids)
 
     def generate(prompt_ids, max_new_tokens):
@@ -158,7 +164,7 @@ def greedy_generate_fn(logits_fn, *, eos_ids=(), bucket: int = 64):
             length = len(seq)
             padded = np.zeros((1, -(-length // bucket) * bucket), np.int32)
             padded[0, :length] = seq
-            token = int(np.argmax(np.asarray(logits_fn(padded))[0, length - 1]))
+            token = int(np.argmax(np.asarray(last_logits_fn(padded, length - 1))))
             new.append(token)
             if token in eos_ids:
                 break

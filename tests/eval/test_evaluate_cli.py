@@ -1,8 +1,6 @@
 """The evaluate CLI end to end on a tiny exported checkpoint: LongBench fixture (teacher), ppl, efficiency."""
 
 import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -13,22 +11,25 @@ from eval_helpers import FIXTURES, tiny_model
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# The tiny tokenizer is passed with --tokenizer from its own folder: AutoTokenizer on a folder whose config.json says
+# model_type qwen2 builds a Qwen2Tokenizer from tokenizer.json (transformers 5), which mangles the WordLevel vocabulary.
+TOK = ["--tokenizer", str(TINY_TOKENIZER_DIR)]
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny random Qwen2 exported as an HF checkpoint, with the shipped tiny tokenizer beside it."""
+    """A tiny random Qwen2 exported as an HF checkpoint."""
     from ahn_jax.data.tokenizer import load_tiny_tokenizer
     from ahn_jax.hf.export import export_hf
 
     out = tmp_path_factory.mktemp("tiny_model") / "renamed-checkpoint"  # no "qwen" in the name on purpose
     model, _ = tiny_model(len(load_tiny_tokenizer()), seed=2)
     export_hf(model, out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY_TOKENIZER_DIR / name, out / name)
     return out
 
 
 def test_cli_longbench_teacher_and_resume(model_dir, tmp_path):
-    argv = ["--model", str(model_dir), "--variant", "teacher", "--bench", "longbench", "--data",
+    argv = TOK + ["--model", str(model_dir), "--variant", "teacher", "--bench", "longbench", "--data",
             str(FIXTURES / "longbench"), "--datasets", "hotpotqa,triviaqa", "--limit", "1", "--out", str(tmp_path),
             "--max-length", "40", "--dtype", "float32"]
     results = evaluate.main(argv)
@@ -53,16 +54,25 @@ def test_cli_ppl_window_covering_the_document_equals_teacher(model_dir, tmp_path
     for i in range(2):
         (docs / f"d{i}.txt").write_text(" ".join(rng.choice(words, size=60)))
     out = tmp_path / "out"
-    result = evaluate.main(["--model", str(model_dir), "--bench", "ppl", "--data", str(docs), "--out", str(out),
+    result = evaluate.main(TOK + ["--model", str(model_dir), "--bench", "ppl", "--data", str(docs), "--out", str(out),
                             "--window", "512", "--sinks", "4", "--ppl-variants", "teacher,window", "--ppl-bucket",
                             "16", "--max-length", "64", "--dtype", "float32"])
     teacher, window = result["variants"]["teacher"], result["variants"]["window"]
+    # The CLI's chunked LM head gives the perplexities of the plain full-logits model it was exported from.
+    from ahn_jax.data.tokenizer import load_tiny_tokenizer
+    from ahn_jax.eval.perplexity import perplexity_by_position, text_documents, tokenize_documents
+
+    _, logits_fn = tiny_model(len(load_tiny_tokenizer()), seed=2)
+    docs_ids = list(tokenize_documents(text_documents(docs), load_tiny_tokenizer(), 64))
+    direct = perplexity_by_position(docs_ids, {"t": lambda ids: np.asarray(logits_fn(ids[None]))[0]},
+                                    bucket_size=16, log=lambda *_: None)["variants"]["t"]
+    np.testing.assert_allclose(teacher["ppl"], direct["ppl"], rtol=1e-4)
     # The documents fit inside the window, so window-only attention sees everything: same perplexities.
     np.testing.assert_allclose(window["ppl"], teacher["ppl"], rtol=1e-4)
     assert json.loads((out / "ppl" / "results.json").read_text())["documents"] == 2
     assert (out / "ppl" / "ppl_by_position.png").read_bytes()[:8] == PNG_MAGIC
     # A short window really is a different model: later positions lose context and their perplexity changes.
-    short = evaluate.main(["--model", str(model_dir), "--bench", "ppl", "--data", str(docs), "--out", str(out),
+    short = evaluate.main(TOK + ["--model", str(model_dir), "--bench", "ppl", "--data", str(docs), "--out", str(out),
                            "--window", "4", "--sinks", "1", "--ppl-variants", "window", "--ppl-bucket", "16",
                            "--max-length", "64", "--dtype", "float32"])["variants"]["window"]
     assert not np.allclose(short["ppl"][1:], teacher["ppl"][1:], rtol=1e-3)

@@ -23,6 +23,11 @@ def test_token_nll_matches_log_softmax_across_chunks():
         np.testing.assert_allclose(P.token_nll(logits, ids, chunk=chunk), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         P.token_nll(logits[:10], ids)
+    # Lazy logits from hidden states and a head, chunk by chunk, give the same NLL.
+    hidden = rng.normal(size=(37, 4)).astype(np.float32)
+    head = rng.normal(size=(4, 11)).astype(np.float32)
+    lazy = P.LazyLogits(hidden, lambda h: h @ head, 11)
+    np.testing.assert_allclose(P.token_nll(lazy, ids, chunk=8), P.token_nll(hidden @ head, ids), rtol=1e-6)
 
 
 def test_perplexity_by_position_buckets_and_variants(tmp_path):

@@ -88,7 +88,12 @@ def _plain_greedy(logits_fn, prompt, steps):
 def test_bucketed_greedy_matches_plain_greedy(tokenizer, logits_fn):
     prompt = list(np.random.default_rng(0).integers(5, len(tokenizer), size=13))
     generate = R.greedy_generate_fn(logits_fn, bucket=8)
-    assert generate(prompt, 3) == _plain_greedy(logits_fn, prompt, 3)
+    expected = _plain_greedy(logits_fn, prompt, 3)
+    assert generate(prompt, 3) == expected
+    last = R.greedy_generate_fn(last_logits_fn=lambda ids, pos: np.asarray(logits_fn(ids))[0, pos], bucket=8)
+    assert last(prompt, 3) == expected
+    with pytest.raises(ValueError, match="exactly one"):
+        R.greedy_generate_fn()
 
 
 def test_end_to_end_longbench_tiny_model(tmp_path, tokenizer, logits_fn):
