@@ -119,3 +119,18 @@ def test_end_to_end_longbench_tiny_model(tmp_path, tokenizer, logits_fn):
     expected_hq = M.mean_score(max(M.qa_f1_score(r["pred"], a) for a in r["answers"]) for r in hq)
     assert results["datasets"]["hotpotqa"]["score"] == expected_hq
     assert (tmp_path / "results.json").is_file() and (tmp_path / "results.md").is_file()
+
+
+def test_lveval_and_infinitebench_runs_score_with_their_rules(tmp_path, tokenizer):
+    def answer_with(text):
+        return lambda ids, n: tokenizer.encode(text, add_special_tokens=False)[:n]
+
+    lv = T.lveval_samples(FIXTURES / "lveval", datasets=("loogle_SD_mixup",), level="16k")
+    res = R.run_benchmark(lv, answer_with(" 4 7 2"), tokenizer, benchmark="lveval", out_dir=tmp_path / "lv",
+                          family="qwen2", max_length=256, log=lambda *_: None)
+    assert res["datasets"]["loogle_SD_mixup"] == {"score": 100.0, "n": 1}
+    ib = T.infinitebench_samples(FIXTURES / "infinitebench", splits=("longbook_qa_eng",))
+    res = R.run_benchmark(ib, answer_with(" the river"), tokenizer, benchmark="infinitebench",
+                          out_dir=tmp_path / "ib", family="llama", max_length=256, log=lambda *_: None)
+    # ROUGE-L of "the river" vs "to the river": LCS 2, P = 1, R = 2/3 -> F = 0.8.
+    assert res["datasets"]["longbook_qa_eng"] == {"score": 80.0, "n": 1}
