@@ -198,10 +198,10 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
 
 def export_memory(model, path):
     """Write the trained memory as an AHN-only safetensors file (the released checkpoints' names)."""
-    from ahn_jax.hf.ahn_names import export_ahn
+    from ahn_jax.hf.ahn_names import export_ahn_weights
 
     try:
-        export_ahn(model, path)
+        export_ahn_weights(path, dict(zip(model.memory_layers, model.memories)))
         log.info("exported the memory to %s", path)
     except NotImplementedError as e:  # e.g. AllMem has no released name map
         log.warning("memory not exported as AHN-only safetensors: %s", e)
