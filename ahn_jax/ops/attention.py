@@ -282,13 +282,20 @@ def attention(q, k, v, *, window=None, sinks=0, scale=None, impl="auto", return_
         max_window = T
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
 
-    fn = dispatch.resolve("attention", impl)
-    unsupported = getattr(fn, "unsupported", None)
-    reason = unsupported(q, window, sinks, return_lse) if unsupported else None
-    if reason:
-        if impl != "auto":
+    if impl == "auto":
+        # The best-ranked implementation that supports this call (cudnn has no sinks, pallas needs static windows);
+        # "xla" supports every case and is always ranked.
+        for name in dispatch.ranked("attention"):
+            fn = dispatch.resolve("attention", name)
+            unsupported = getattr(fn, "unsupported", None)
+            if not (unsupported and unsupported(q, window, sinks, return_lse)):
+                break
+    else:
+        fn = dispatch.resolve("attention", impl)
+        unsupported = getattr(fn, "unsupported", None)
+        reason = unsupported(q, window, sinks, return_lse) if unsupported else None
+        if reason:
             raise ValueError(f"attention(impl={impl!r}): {reason}")
-        fn = dispatch.resolve("attention", "xla")  # the reference runs every case
     return fn(q, k, v, window=window, sinks=sinks, scale=scale, return_lse=return_lse,
               max_window=max_window, max_sinks=max_sinks)
 
@@ -323,6 +330,24 @@ def cached_attention(q, k, v, q_pos, k_pos, k_valid, *, window, sinks=0, scale=N
     return out.reshape(B, Tq, Hq, D).astype(q.dtype)
 
 
+def _pallas_unsupported(q, window, sinks, return_lse):
+    if not (_is_static(window) and _is_static(sinks)):
+        return "the Pallas kernel needs static (Python int) window and sinks"
+    return None
+
+
+def _pallas_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_sinks):
+    # pallas_kernels imports only jax; it is loaded here, on first use, so ops stays light to import.
+    from pallas_kernels.swa_attention import swa_attention
+
+    return swa_attention(q, k, v, window=int(window), sinks=int(sinks), scale=scale, return_lse=return_lse)
+
+
+_pallas_impl.unsupported = _pallas_unsupported
+
 dispatch.register("attention", "xla", "ahn_jax.ops.attention:_xla_impl", {"cpu": 0, "gpu": 0, "tpu": 0})
+# GPU ranking (benchmarks/RESULTS.md): cuDNN (sinks == 0 only) beats the Pallas kernel by 1.2-1.4x; the Pallas kernel
+# handles sinks with O(T (W+S)) cost, unlike the xla path. Not registered for TPU: it has never run there.
+dispatch.register("attention", "pallas", "ahn_jax.ops.attention:_pallas_impl", {"gpu": 0.5, "cpu": None})
 dispatch.register("attention", "cudnn", "ahn_jax.ops.attention:_cudnn_impl", {"gpu": 1})
 dispatch.register("attention", "splash", "ahn_jax.ops.attention:_splash_impl", {"tpu": 1})

@@ -40,6 +40,15 @@ def available(op: str, backend: str | None = None) -> list[str]:
     return [name for name, im in _TABLE.get(op, {}).items() if backend in im.backends]
 
 
+def ranked(op: str, backend: str | None = None) -> list[str]:
+    """Implementations "auto" may pick on `backend`, best first (for ops that skip an impl per call)."""
+    backend = backend or jax.default_backend()
+    impls = _TABLE.get(op, {})
+    ranked_ = sorted(((im.backends[backend], name) for name, im in impls.items()
+                      if im.backends.get(backend) is not None), reverse=True)
+    return [name for _, name in ranked_]
+
+
 def resolve(op: str, impl: str = "auto", backend: str | None = None):
     """The function implementing `op` as `impl` on `backend`; "auto" picks the highest priority there."""
     backend = backend or jax.default_backend()
