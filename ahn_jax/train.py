@@ -3,7 +3,8 @@ Qwen model (AHN or AllMem). Any config key can be overridden: `--config.train.st
 Re-running with the same --workdir resumes from its newest checkpoint. SIGTERM saves a checkpoint and exits.
 
 Outputs in WORKDIR: metrics.jsonl (one JSON object per logged update), tb/ (TensorBoard), checkpoints/ (Orbax),
-ahn.safetensors (the trained memory, released AHN names) at the end.
+ahn.safetensors (the trained memory, released AHN names) at the end; report.json when the config has a `demo` section.
+With config.train.mode = "lm" it instead pretrains a small base model (training/pretrain.py; the tiny teacher).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for jax.distributed (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process' index (jax.distributed).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with no arguments "
+                                 "(TPU pods and clusters whose environment JAX auto-detects).")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for the MFU estimate (H100 bf16: 989).")
 
 
@@ -68,12 +71,22 @@ def main(argv):
         raise app.UsageError("--config and --workdir are required (see --help)")
     import jax
 
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
+    if _DISTRIBUTED.value and not (_COORDINATOR.value or _NUM_PROCESSES.value):
+        jax.distributed.initialize()
+    elif _COORDINATOR.value or _NUM_PROCESSES.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+    cfg = _CONFIG.value
+    mode = cfg.train.get("mode", "distill")
+    if mode == "lm":  # pretraining of the tiny teacher (training/pretrain.py), not the method itself
+        from ahn_jax.training.pretrain import pretrain
+
+        pretrain(cfg, os.path.abspath(_WORKDIR.value), data_iter_factory=make_data_factory(cfg))
+        return
+    if mode != "distill":
+        raise ValueError(f"config.train.mode must be 'distill' or 'lm', got {mode!r}")
     from ahn_jax.training.loop import train
 
-    cfg = _CONFIG.value
     peak = _PEAK_TFLOPS.value * 1e12 * jax.device_count() if _PEAK_TFLOPS.value else None
     logged, model = train(cfg, os.path.abspath(_WORKDIR.value), data_iter_factory=make_data_factory(cfg),
                           peak_flops=peak)

@@ -71,7 +71,7 @@ shq() {
 }
 quote_all() { local out="" a; for a in "$@"; do out+="$(shq "$a") "; done; printf '%s' "${out% }"; }
 
-train=("$python" -m ahn_jax.train "--config=$config" "--workdir=$workdir" ${extra[@]+"${extra[@]}"})
+train=("$python" -m ahn_jax.train "--config=$config" "--workdir=$workdir" --distributed ${extra[@]+"${extra[@]}"})
 remote="cd $(quote_all "$repo") && "
 if [[ $install -eq 1 ]]; then
   remote+="$(quote_all "$python" -m pip install -q -e '.[tpu]') && "

@@ -85,7 +85,7 @@ def test_tpu_pod_same_train_command_on_every_worker():
     assert "pip" in remote and ".[tpu]" in remote
     train = remote[remote.index("ahn_jax.train") - 2:]
     assert train == ["python3", "-m", "ahn_jax.train", "--config=configs/qwen3b_gdn.py", f"--workdir={workdir}",
-                     "--config.train.steps=7", "--peak_tflops=459"]
+                     "--distributed", "--config.train.steps=7", "--peak_tflops=459"]
     assert not any(a.startswith("--coordinator") or a.startswith("--process_id") for a in remote)
 
 

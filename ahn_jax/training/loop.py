@@ -154,8 +154,10 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
                 batch = next(data)
                 ids = np.asarray(batch["input_ids"], np.int32)
                 ws = sample_window(cfg, micro, ids.shape[1])
-                dev_batch = {"input_ids": jax.device_put(ids, batch_sh),
-                             "loss_mask": jax.device_put(np.asarray(batch["loss_mask"], np.float32), batch_sh)}
+                # Each process holds its own rows: assemble the global batch from the per-process pieces.
+                dev_batch = {"input_ids": jax.make_array_from_process_local_data(batch_sh, ids),
+                             "loss_mask": jax.make_array_from_process_local_data(
+                                 batch_sh, np.asarray(batch["loss_mask"], np.float32))}
                 mem_params, opt_state, metrics = step_fn(mem_params, opt_state, frozen, dev_batch,
                                                          jnp.int32(ws.window), jnp.int32(ws.sinks))
                 micro += 1
