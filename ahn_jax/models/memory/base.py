@@ -77,9 +77,13 @@ def rms_normalize(x, eps: float):
 
 
 def l2_normalize(x, eps: float = 1e-12):
-    """x / max(||x||, eps) over the last axis in float32 (torch F.normalize, what the Mamba2 cell applies to q and k)."""
+    """x / max(||x||, eps) over the last axis in float32 (torch F.normalize, what the Mamba2 cell applies to q and k).
+    No sqrt of 0: an all-zero row (the hybrid pads shifted inputs with them) maps to 0 with a zero gradient instead
+    of NaN (sqrt'(0)) or the 1/eps = 1e12 slope of x / eps."""
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    sumsq = jnp.sum(x * x, axis=-1, keepdims=True)
+    inv = jnp.where(sumsq > 0, jax.lax.rsqrt(jnp.maximum(sumsq, eps * eps)), 0.0)
+    return x * inv
 
 
 def inverse_softplus(y):
