@@ -84,6 +84,10 @@ class HybridQwenForCausalLM(nnx.Module):
             return self.memories[self.memory_layers.index(layer_idx)]
         return None
 
+    def memories_by_layer(self) -> dict:
+        """{decoder layer id: memory module}, the mapping hf.ahn_names imports and exports."""
+        return dict(zip(self.memory_layers, self.memories))
+
     def _attend(self, q, k, v, window, sinks):
         return attention(q, k, v, window=window, sinks=sinks, impl=self.ahn.attention_impl,
                          max_window=None if _is_static(window) else self.ahn.max_window,
@@ -171,6 +175,23 @@ class HybridQwenForCausalLM(nnx.Module):
         """input_ids [B, T] int32 -> logits [B, T, V] float32 (student unless teacher=True)."""
         return self.logits(self.hidden_states(input_ids, positions, teacher=teacher, window=window, sinks=sinks,
                                               use_memory=use_memory))
+
+    # --- constant-memory inference (thin: the work lives in ahn_jax.inference, imported here so models/ never
+    # imports it at module level) ------------------------------------------------------------------------------------
+    def prefill(self, input_ids, lengths=None, *, chunk=None, teacher=False, max_length=None,
+                return_all_logits=False):
+        """input_ids [B, T] -> (last logits [B, V], cache); see ahn_jax.inference.decode.prefill.
+        teacher=True: full attention with a growing KV cache of max_length tokens."""
+        from ahn_jax.inference.decode import prefill
+
+        return prefill(self, input_ids, lengths, chunk=chunk, teacher=teacher, max_length=max_length,
+                       return_all_logits=return_all_logits)
+
+    def decode(self, token_ids, cache):
+        """token_ids [B] or [B, 1] -> (logits [B, V], cache); see ahn_jax.inference.decode.decode."""
+        from ahn_jax.inference.decode import decode
+
+        return decode(self, token_ids, cache)
 
 
 def memory_state(model: nnx.Module):

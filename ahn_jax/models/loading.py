@@ -130,15 +130,29 @@ def load_orbax(path: str | os.PathLike, *, dtype="bfloat16"):
 def load_pretrained(path: str | os.PathLike, *, dtype="bfloat16", ahn=None, ahn_weights=None):
     """Load a Qwen2/2.5/3 model from an HF checkpoint directory or an Orbax directory written by convert.
 
-    dtype: parameter dtype ("bfloat16", "float32", "float16"). Returns a QwenForCausalLM; `model(input_ids [B, T])`
-    gives logits [B, T, V] float32. ahn / ahn_weights (the hybrid student) are not available yet.
+    dtype: parameter dtype of the base model ("bfloat16", "float32", "float16").
+    ahn: None -> the plain base model (QwenForCausalLM, the teacher); an AHNConfig -> the hybrid student
+        (HybridQwenForCausalLM: window + sinks + a memory per layer; `model(ids, teacher=True)` is the teacher).
+    ahn_weights: an AHN-only safetensors file or directory (ours, or a released ByteDance-Seed AHN-* checkpoint,
+        whose config.json window values are training seeds and are ignored); without it the memory starts from its
+        initialisation (zero output projection: the student equals the window + sinks model).
+    `model(input_ids [B, T])` gives logits [B, T, V] float32.
     """
-    if ahn is not None or ahn_weights is not None:
-        raise NotImplementedError("load_pretrained(ahn=..., ahn_weights=...): the hybrid model is not built yet")
+    if ahn_weights is not None and ahn is None:
+        raise ValueError("load_pretrained: ahn_weights needs ahn=AHNConfig(memory=..., window=..., sinks=...) to say "
+                         "which memory the file holds and which window to run it with")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_pretrained: {path} is not a directory (expected an HF checkpoint directory or "
                                 f"an Orbax directory written by `python -m ahn_jax.convert`)")
-    if is_orbax_dir(path):
-        return load_orbax(path, dtype=dtype)
-    return load_hf(path, dtype=dtype)
+    base = load_orbax(path, dtype=dtype) if is_orbax_dir(path) else load_hf(path, dtype=dtype)
+    if ahn is None:
+        return base
+    from ahn_jax.models.hybrid import HybridQwenForCausalLM
+
+    model = HybridQwenForCausalLM(base, ahn)
+    if ahn_weights is not None:
+        from ahn_jax.hf.ahn_names import import_ahn_weights
+
+        import_ahn_weights(ahn_weights, model.memories_by_layer())
+    return model

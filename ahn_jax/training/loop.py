@@ -47,8 +47,12 @@ def build_model(cfg):
     from ahn_jax.models.qwen import QwenForCausalLM
 
     ahn = ahn_config_from(cfg)
+    if cfg.model.path and cfg.ahn.weights:
+        return load_pretrained(cfg.model.path, dtype=cfg.model.dtype, ahn=ahn, ahn_weights=cfg.ahn.weights)
     if cfg.model.path:
-        return load_pretrained(cfg.model.path, dtype=cfg.model.dtype, ahn=ahn, ahn_weights=cfg.ahn.weights or None)
+        # A fresh memory on a pretrained base: seeded exactly like the random_init path, so runs are reproducible.
+        base = load_pretrained(cfg.model.path, dtype=cfg.model.dtype)
+        return HybridQwenForCausalLM(base, ahn, rngs=nnx.Rngs(cfg.train.seed + 1))
     if cfg.model.random_init is None:
         raise ValueError("set config.model.path (a local HF or Orbax directory) or config.model.random_init")
     base = QwenForCausalLM(QwenConfig.from_hf(dict(cfg.model.random_init)), dtype=cfg.model.dtype,
@@ -203,7 +207,7 @@ def export_memory(model, path):
     from ahn_jax.hf.ahn_names import export_ahn_weights
 
     try:
-        export_ahn_weights(path, dict(zip(model.memory_layers, model.memories)))
+        export_ahn_weights(path, model.memories_by_layer())
         log.info("exported the memory to %s", path)
     except NotImplementedError as e:  # e.g. AllMem has no released name map
         log.warning("memory not exported as AHN-only safetensors: %s", e)
