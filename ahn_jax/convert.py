@@ -2,6 +2,9 @@
 
   python -m ahn_jax.convert --hf HF_DIR --out ORBAX_DIR [--dtype bfloat16]
   python -m ahn_jax.convert --to-hf --orbax ORBAX_DIR --out HF_DIR [--dtype bfloat16] [--max-shard-gb 5]
+  python -m ahn_jax.convert --ahn-in AHN.safetensors --memory gated_deltanet --base HF_OR_ORBAX_DIR --out OUT.safetensors
+      (an AHN-only checkpoint, ours or a released ByteDance-Seed AHN-*: checked name by name and shape by shape
+       against the base model's dims, imported, and written back with the released names in --dtype)
 
 Output is written to a temporary sibling directory and renamed on success; on any error no output directory is left.
 config.json and tokenizer files are copied along. Weights are read one tensor at a time (no second host copy).
@@ -81,6 +84,28 @@ def orbax_to_hf(orbax_dir: str, out: str, *, dtype: str | None = None, max_shard
                      extra_files=side_files(orbax_dir), progress=progress or _progress("writing shards"))
 
 
+def ahn_roundtrip(ahn_in: str, base_dir: str, memory: str, out: str, *, dtype: str = "float32",
+                  layers=None) -> str:
+    """Import an AHN-only file into memories built for the base model at `base_dir`, and export them to `out`."""
+    from flax import nnx
+
+    from ahn_jax.hf.ahn_names import export_ahn_weights, import_ahn_weights
+    from ahn_jax.models.config import QwenConfig
+    from ahn_jax.models.hybrid_config import AHNConfig, build_memory
+
+    config = QwenConfig.from_hf(base_dir)
+    # window/sinks do not shape the memory parameters; the file's config.json values are never read (AHN.md §6).
+    ahn = AHNConfig(memory=memory, window=1, layers=layers)
+    rngs = nnx.Rngs(0)
+    memories = {i: build_memory(ahn, config, i, rngs=rngs) for i in ahn.resolve_layers(config.num_hidden_layers)}
+    import_ahn_weights(ahn_in, memories)
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise FileExistsError(f"--out {out} already exists; remove it or pick another path")
+    export_ahn_weights(out, memories, dtype=dtype)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ahn_jax.convert",
@@ -94,12 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--hf", metavar="DIR", help="input HF checkpoint directory (config.json + *.safetensors)")
     base.add_argument("--orbax", metavar="DIR", help="input Orbax directory written by this tool (with --to-hf)")
     base.add_argument("--to-hf", action="store_true", help="convert --orbax DIR back to an HF checkpoint directory")
-    base.add_argument("--out", metavar="DIR", required=True, help="output directory (must not exist)")
+    base.add_argument("--out", metavar="PATH", required=True,
+                      help="output directory (or .safetensors file with --ahn-in); must not exist")
     base.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
                       help="parameter dtype written (default: bfloat16 for --hf; the stored dtype for --to-hf)")
     base.add_argument("--max-shard-gb", type=float, default=5.0,
                       help="largest safetensors shard written by --to-hf, in GiB (default 5)")
-    # AHN-only checkpoint import/export flags go in their own argument group here (hybrid model, later).
+    mem = parser.add_argument_group("AHN-only memory checkpoints (released names, spec/AHN.md §2.6)")
+    mem.add_argument("--ahn-in", metavar="FILE", help="input AHN-only safetensors file or directory")
+    mem.add_argument("--memory", choices=("gated_deltanet", "deltanet", "mamba2"),
+                     help="which memory the file holds (with --ahn-in)")
+    mem.add_argument("--base", metavar="DIR", help="the base model directory (HF or Orbax) whose dims the memory has")
     return parser
 
 
@@ -107,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.to_hf:
+        if args.ahn_in:
+            if not (args.memory and args.base):
+                parser.error("--ahn-in needs --memory and --base")
+            out = ahn_roundtrip(args.ahn_in, args.base, args.memory, args.out, dtype=args.dtype or "float32")
+        elif args.to_hf:
             if not args.orbax or args.hf:
                 parser.error("--to-hf needs --orbax DIR (and no --hf)")
             out = orbax_to_hf(args.orbax, args.out, dtype=args.dtype,
