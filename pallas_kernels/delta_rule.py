@@ -4,7 +4,8 @@ Recurrence per head (state S: [K, V] float32):  S <- e^{g_t} S;  v' = beta_t (v_
 o_t = scale * S^T q_t.  `g=None` is the plain delta rule.
 
 Plan (see benchmarks/NOTES_delta_rule.md):
-  (a) XLA, parallel over chunks: chunk-local cumsum of g and the WY factors W, U (pallas_kernels.common.wy_factors).
+  (a) Parallel over chunks: chunk-local cumsum of g (XLA) and the WY factors W, U (Pallas kernel, grid (B, H, chunk),
+      triangular inverse on chip; pallas_kernels.common.wy_factors is its XLA twin, differentiated in the backward).
   (b) One Pallas kernel, grid (B, H, V / block_v), sequential over chunks with the [K, block_v] state kept on chip:
         u' = U - W S;  o = scale * (gamma*Q S + mask(Q K^T * Gamma) u');  S = e^{g_last} S + (K * e^{g_last - gc})^T u'.
       The recurrence is independent per value column given W, so splitting V multiplies the parallelism beyond B*H
@@ -32,6 +33,8 @@ F32 = jnp.float32
 DEFAULT_BLOCK_V = 16  # measured best on the H100 at B1 T32768 H16 D128 (64: 3.14 ms, 32: 2.33, 16: 1.89)
 FWD_WARPS = 4
 BWD_WARPS = 8
+WY_WARPS = 4
+WY_SUB = 16  # block of the on-chip triangular inverse (the smallest Triton dot); chunks not a multiple use one block
 
 
 def _pl():
@@ -179,6 +182,95 @@ def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     dh0_ref[b, h, :, vs] = ds0
 
 
+def _wy_kernel(*refs, chunk, sub, gated):
+    """One chunk's WY factors on chip: W = T diag(beta e^gc) K, U = T diag(beta) V with T = (I + A)^-1.
+
+    A is strictly lower triangular; T is built in sub x sub blocks (sub = 16 on GPU, the smallest Triton dot): each
+    diagonal block is inverted by forward substitution over its rows (masked vector ops), and the blocks below the
+    diagonal follow from (I + A) T = I:  T_ij = -T_ii sum_{j <= m < i} A_im T_mj.  All in float32; A from k in its own
+    dtype (k k^T of bf16 keys is exact with float32 accumulation).
+    """
+    pl = _pl()
+    k_ref, v_ref, beta_ref = refs[:3]
+    gc_ref = refs[3] if gated else None
+    w_ref, u_ref = refs[-2:]
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cdt = k_ref.dtype
+    nb = chunk // sub
+    rows = lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+    strict = rows > cols
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(F32)
+
+    def rows_of(i):
+        return pl.ds(c * chunk + i * sub, sub)
+
+    ks = [k_ref[b, rows_of(i), h, :] for i in range(nb)]
+    betas = [beta_ref[b, rows_of(i), h].astype(F32) for i in range(nb)]
+    gcs = [gc_ref[b, h, rows_of(i)] for i in range(nb)] if gated else None
+
+    # Blocks of A at and below the diagonal: A_ij[r, s] = beta_r e^{gc_r - gc_s} k_r . k_s (strictly lower overall).
+    a = {}
+    for i in range(nb):
+        for j in range(i + 1):
+            blk = _dot_nt(ks[i], ks[j], cdt) * betas[i][:, None]
+            if gated:
+                diff = gcs[i][:, None] - gcs[j][None, :]
+                # Mask before exp on the diagonal block: above its diagonal the difference is positive.
+                blk = blk * jnp.exp(jnp.where(strict, diff, 0.0) if i == j else diff)
+            a[i, j] = jnp.where(strict, blk, 0.0) if i == j else blk
+
+    def substitute_row(r, ts):
+        # Row r of (I + N)^-1 = e_r - sum_{s < r} N[r, s] (row s of the inverse); rows s < r are already final.
+        out = []
+        for i, t in enumerate(ts):
+            n_row = jnp.sum(jnp.where(rows == r, a[i, i], 0.0), axis=0)
+            new = -jnp.sum(n_row[:, None] * t, axis=0)
+            out.append(jnp.where(rows == r, t + new[None, :], t))
+        return tuple(out)
+
+    diag = lax.fori_loop(1, sub, substitute_row, tuple(eye for _ in range(nb)))
+    t = {(i, i): diag[i] for i in range(nb)}
+    for i in range(nb):
+        for j in range(i):
+            acc = _dot(a[i, j], t[j, j], F32)
+            for m in range(j + 1, i):
+                acc = acc + _dot(a[i, m], t[m, j], F32)
+            t[i, j] = -_dot(t[i, i], acc, F32)
+
+    kb = [ks[j].astype(F32) * (betas[j] * jnp.exp(gcs[j]) if gated else betas[j])[:, None] for j in range(nb)]
+    vb = [v_ref[b, rows_of(j), h, :].astype(F32) * betas[j][:, None] for j in range(nb)]
+    for i in range(nb):
+        w = _dot(t[i, 0], kb[0], F32)
+        u = _dot(t[i, 0], vb[0], F32)
+        for j in range(1, i + 1):
+            w = w + _dot(t[i, j], kb[j], F32)
+            u = u + _dot(t[i, j], vb[j], F32)
+        w_ref[b, rows_of(i), h, :] = w.astype(w_ref.dtype)
+        u_ref[b, rows_of(i), h, :] = u.astype(u_ref.dtype)
+
+
+def wy_factors_pallas(k, v, beta, gc, chunk: int, *, interpret: bool):
+    """Pallas version of pallas_kernels.common.wy_factors, one program per (batch, head, chunk).
+
+    k: [B, T, H, K], v: [B, T, H, V], beta: [B, T, H], gc: [B, H, T] float32 (chunk-local cumsum) or None; T a multiple
+    of `chunk`. Returns w: [B, T, H, K] (k.dtype), u: [B, T, H, V] (v.dtype). Not differentiable by itself (the
+    custom_vjp differentiates the XLA version).
+    """
+    pl = _pl()
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    if t % chunk:
+        raise ValueError(f"the time axis of k ({t}) must be a multiple of chunk={chunk}")
+    sub = WY_SUB if chunk % WY_SUB == 0 else chunk
+    gated = gc is not None
+    kernel = functools.partial(_wy_kernel, chunk=chunk, sub=sub, gated=gated)
+    args = [k, v, beta] + ([gc] if gated else [])
+    out_shape = (jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype))
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, t // chunk), interpret=interpret,
+                          compiler_params=_compiler_params(WY_WARPS, 1), name="delta_rule_wy")(*args)
+
+
 def _pick_block_v(dv: int, block_v):
     if block_v is None:
         block_v = DEFAULT_BLOCK_V if dv % DEFAULT_BLOCK_V == 0 else dv
@@ -225,8 +317,12 @@ def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, int
     return dq, dk_, dw, du, dgc, outs[-1]
 
 
-def _prepare(k, v, g, beta, chunk):
-    """Padded chunk-local cumsum and WY factors (differentiable XLA). Returns (w, u, gc) on the padded time axis."""
+def _prepare(k, v, g, beta, chunk, pallas_interpret=None):
+    """Padded chunk-local cumsum and WY factors. Returns (w, u, gc) on the padded time axis.
+
+    pallas_interpret=None: the differentiable XLA version (the backward's jax.vjp and the reference); True/False: the
+    Pallas WY kernel (forward only) in interpret/compiled mode.
+    """
     k, _ = pad_time(k, chunk)
     v, _ = pad_time(v, chunk)
     beta, _ = pad_time(beta, chunk)  # beta = 0 on padding: padded tokens write nothing
@@ -234,7 +330,10 @@ def _prepare(k, v, g, beta, chunk):
     if g is not None:
         g, _ = pad_time(g, chunk)  # g = 0 on padding: no decay
         gc = chunk_cumsum(g, chunk)
-    w, u = wy_factors(k, v, beta, gc, chunk)
+    if pallas_interpret is None:
+        w, u = wy_factors(k, v, beta, gc, chunk)
+    else:
+        w, u = wy_factors_pallas(k, v, beta, gc, chunk, interpret=pallas_interpret)
     return w, u, gc
 
 
@@ -246,7 +345,7 @@ def _delta_rule_core(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
 
 def _core_fwd(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
     t = q.shape[1]
-    w, u, gc = _prepare(k, v, g, beta, chunk)
+    w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret)
     qp, _ = pad_time(q, chunk)
     kp, _ = pad_time(k, chunk)
     o, ht = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v, interpret=interpret,

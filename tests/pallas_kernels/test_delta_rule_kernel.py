@@ -142,3 +142,27 @@ def test_op_dispatch_adapter_matches_op_reference():
     o2, _ = jax.jit(lambda *a: kernel.delta_rule_impl(*a, scale=0.5, chunk_size=8))(q, k, v, beta)
     o2_ref, _ = ops_dr.delta_rule(q, k, v, beta, scale=0.5, impl="recurrent")
     assert _rel(o2, o2_ref) < 1e-4
+
+
+# Chunk 64: four 16x16 blocks (the GPU case); chunk 32 two blocks, plain rule, bf16 in/out. The single-block path
+# (chunk 8) runs inside the VJP tests above, which compare the whole forward with the references.
+@pytest.mark.parametrize("chunk,gated,dtype", [(64, True, jnp.float32), (32, False, jnp.bfloat16)])
+def test_wy_kernel_matches_xla_wy_factors(chunk, gated, dtype):
+    """The on-chip blocked triangular inverse (16x16 blocks; one block for chunk 8) equals XLA's triangular_solve."""
+    from pallas_kernels.common import chunk_cumsum, wy_factors
+
+    b, n, h, dk, dv = 2, 2, 2, 16, 32
+    t = n * chunk
+    q, k, v, g, beta, _ = _inputs(11 + chunk, b, t, h, dk, dv, gated)
+    del q
+    # Strongly correlated keys (a shared direction) make A far from the identity, so the inverse is really exercised.
+    k = k + 2.0 * k[:, :1]
+    k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
+    v = v.astype(dtype)
+    gc = chunk_cumsum(g, chunk) if gated else None
+    w, u = jax.jit(lambda *a: kernel.wy_factors_pallas(*a, chunk, interpret=True))(k, v, beta, gc)
+    w_ref, u_ref = wy_factors(k.astype(jnp.float32), v.astype(jnp.float32), beta, gc, chunk)
+    assert w.dtype == dtype and u.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    assert _rel(w, w_ref) < tol, _rel(w, w_ref)
+    assert _rel(u, u_ref) < tol, _rel(u, u_ref)
