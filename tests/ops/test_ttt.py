@@ -22,22 +22,20 @@ from ahn_jax.ops.ttt_grads import inner_grads, renormalize, row_norms
 # inputs
 
 
-def _unit(x):
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def make_inputs(seed, batch=2, seq=40, heads=2, dk=8, dh=16, forget=False):
-    ks = jax.random.split(jax.random.key(seed), 10)
-    q = _unit(jax.random.normal(ks[0], (batch, seq, heads, dk)))
-    k = _unit(jax.random.normal(ks[1], (batch, seq, heads, dk)))
-    v = jax.random.normal(ks[2], (batch, seq, heads, dk))
-    lr = jax.random.uniform(ks[3], (batch, seq, heads, 3), minval=0.05, maxval=0.4)
-    mom = jax.random.uniform(ks[4], (batch, seq, heads), minval=0.3, maxval=0.95)
-    w0 = (jax.random.normal(ks[5], (heads, dh, dk)) / np.sqrt(dk),
-          jax.random.normal(ks[6], (heads, dk, dh)) / np.sqrt(dh),
-          jax.random.normal(ks[7], (heads, dh, dk)) / np.sqrt(dk))
-    fg = jax.random.uniform(ks[8], (batch, seq, heads), maxval=0.2) if forget else None
-    return dict(q=q, k=k, v=v, lr=lr, momentum=mom, w0=w0, forget=fg)
+    """Random float32 inputs (numpy RNG: jax.random would compile anew for every shape)."""
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    uniform = lambda lo, hi, *shape: rng.uniform(lo, hi, shape).astype(np.float32)  # noqa: E731
+    unit = lambda t: t / np.linalg.norm(t, axis=-1, keepdims=True)  # noqa: E731
+    x = dict(q=unit(normal(batch, seq, heads, dk)), k=unit(normal(batch, seq, heads, dk)),
+             v=normal(batch, seq, heads, dk), lr=uniform(0.05, 0.4, batch, seq, heads, 3),
+             momentum=uniform(0.3, 0.95, batch, seq, heads),
+             forget=uniform(0.0, 0.2, batch, seq, heads) if forget else None)
+    x = {n: None if t is None else jnp.asarray(t) for n, t in x.items()}
+    x["w0"] = tuple(jnp.asarray(normal(*shape) / np.sqrt(shape[-1]))
+                    for shape in ((heads, dh, dk), (heads, dk, dh), (heads, dh, dk)))
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,9 +215,10 @@ def test_prefill_then_decode_equals_parallel(split):
         pending = ttt_mlp_init_pending(x["w0"], 2, 8, with_forget=True)
         outs = []
     step = _jitted_step(**kw)
+    xn = {n: np.asarray(x[n]) for n in NAMES + ("forget",)}  # numpy slicing: no eager op per position
     for pos in range(split, 27):
-        o_t, state, pending = step(*(x[n][:, pos] for n in NAMES), state, pending, jnp.int32(pos), x["w0"],
-                                   forget_t=x["forget"][:, pos])
+        o_t, state, pending = step(*(xn[n][:, pos] for n in NAMES), state, pending, jnp.int32(pos), x["w0"],
+                                   forget_t=xn["forget"][:, pos])
         outs.append(o_t[:, None])
     _close(jnp.concatenate(outs, axis=1), o_par, 1e-5, "decoded outputs")
     _close_tree(state, state_par, 1e-5, "state")
@@ -252,20 +251,20 @@ def test_causality():
 def test_outer_gradients_flow_through_inner_updates():
     x = make_inputs(5, batch=1, seq=28)
     args = tuple(x[n] for n in NAMES) + (x["w0"],)
-    r = np.asarray(jax.random.normal(jax.random.key(50), x["q"].shape), np.float64)
+    r = np.random.default_rng(50).standard_normal(x["q"].shape)
 
-    def grads(remat, detach=False):
+    def grads(args, detach=False, remat=True):
         def loss(*a):
-            o = ttt_mlp(*a, chunk_size=8, checkpoint_chunks=remat, detach_inner_grads=detach)[0]
-            return jnp.sum(o * r.astype(np.float32))
+            o = ttt_mlp(*a, chunk_size=8, detach_inner_grads=detach, checkpoint_chunks=remat)[0]
+            return jnp.sum(o.astype(jnp.float32) * r.astype(np.float32))
         return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
 
-    g, g_plain = grads(True), grads(False)
+    g, g_plain = grads(args), grads(args, remat=False)
     names = NAMES + ("w0",)
     for name, a, b in zip(names, g, g_plain):
         for leaf in jax.tree.leaves(a):
             assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.max(jnp.abs(leaf))) > 1e-4, name
-        _close_tree(a, b, 1e-5, f"d{name} remat vs plain")
+        _close_tree(a, b, 1e-5, f"d{name}: checkpointed vs plain autodiff")
 
     # directional derivatives against central differences of the float64 reference, one input at a time
     def ref_loss(a):
@@ -284,11 +283,31 @@ def test_outer_gradients_flow_through_inner_updates():
                        for ga, da in zip(jax.tree.leaves(g[i]), jax.tree.leaves(d)))
         assert abs(fd - analytic) < 1e-4 * max(abs(fd), 1.0), (name, fd, analytic)
 
-    # sanity contrast (ALLMEM §11.5): k, v, lr act only through the write, so cutting the inner gradient zeroes them
-    g_cut = grads(True, detach=True)
+    # sanity contrast (ALLMEM §11.5): k, v, lr act only through the write, so cutting the inner gradient zeroes
+    # them. Run in bf16 so the same compile also covers the bf16 backward (dtypes, finiteness).
+    bf = tuple(a.astype(jnp.bfloat16) for a in args[:3]) + args[3:]
+    g_cut = grads(bf, detach=True)
+    assert all(g_cut[i].dtype == jnp.bfloat16 for i in range(3))
     for i in (1, 2, 3):
-        np.testing.assert_array_equal(g_cut[i], 0.0)
-    assert float(jnp.max(jnp.abs(g_cut[0]))) > 1e-4  # q still learns through the read
+        np.testing.assert_array_equal(np.asarray(g_cut[i], np.float32), 0.0)
+    for leaf in jax.tree.leaves((g_cut[0], g_cut[5])):  # q learns through the read, w0 through read and write
+        leaf = np.asarray(leaf, np.float32)
+        assert np.all(np.isfinite(leaf)) and np.max(np.abs(leaf)) > 1e-4
+
+
+@pytest.mark.slow
+def test_checkpointed_chunks_same_gradients_less_memory():
+    """Remat of the chunk body changes nothing but memory (DESIGN.md pitfall 11)."""
+    x = make_inputs(10, batch=1, seq=512, dk=16, dh=32)
+    args = tuple(x[n] for n in NAMES) + (x["w0"],)
+
+    def grad_fn(remat):
+        loss = lambda *a: jnp.sum(ttt_mlp(*a, chunk_size=64, checkpoint_chunks=remat)[0] ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=tuple(range(6))))
+
+    _close_tree(grad_fn(True)(*args), grad_fn(False)(*args), 1e-5, "remat vs plain gradients")
+    temp = [grad_fn(remat).lower(*args).compile().memory_analysis().temp_size_in_bytes for remat in (True, False)]
+    assert temp[0] < temp[1], temp
 
 
 def test_norm_invariant():
@@ -298,9 +317,10 @@ def test_norm_invariant():
     # post_write: row norms == rho right after every write (checked at each chunk end of a decode)
     kw = dict(chunk_size=8, inner_loss="mse", renorm="post_write")
     step = _jitted_step(**kw)
+    xn = {n: np.asarray(x[n]) for n in NAMES}
     state, pending = ttt_mlp_init_state(x["w0"], 2), ttt_mlp_init_pending(x["w0"], 2, 8)
     for pos in range(24):
-        _, state, pending = step(*(x[n][:, pos] for n in NAMES), state, pending, jnp.int32(pos), x["w0"])
+        _, state, pending = step(*(xn[n][:, pos] for n in NAMES), state, pending, jnp.int32(pos), x["w0"])
         if (pos + 1) % 8 == 0:
             norms = tuple(jnp.linalg.norm(w, axis=-1) for w in state.weights)
             _close_tree(norms, target(norms), 1e-4, f"post_write row norms after position {pos}")
@@ -321,10 +341,7 @@ def test_bf16_inputs_close_to_float32():
     assert o16.dtype == jnp.bfloat16 and s16.weights[0].dtype == jnp.float32
     _close(o16, o32, 2e-2, "bf16 outputs")
     _close_tree(s16, s32, 2e-2, "bf16 state")
-    loss = lambda k: jnp.sum(ttt_mlp(xb["q"], k, *(xb[n] for n in NAMES[2:]), x["w0"],  # noqa: E731
-                                     chunk_size=16)[0].astype(jnp.float32))
-    g = jax.jit(jax.grad(loss))(xb["k"])
-    assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+    # (the bf16 backward is exercised in test_outer_gradients_flow_through_inner_updates)
 
 
 def test_normalize_qk_matches_prenormalised_inputs():
