@@ -184,7 +184,9 @@ def ttt_mlp(q, k, v, lr, momentum, w0, *, chunk_size, inner_loss="mse", renorm="
     _check_options(chunk_size, inner_loss, renorm)
     if jnp.ndim(q) != 4:
         raise ValueError(f"ttt_mlp: q must be [B, T, H, dk], got shape {jnp.shape(q)}")
-    batch, _, heads, _ = jnp.shape(q)
+    batch, seq, _, _ = jnp.shape(q)
+    if seq < 1:
+        raise ValueError(f"ttt_mlp: q has no tokens (shape {jnp.shape(q)}); decode from ttt_mlp_init_state instead")
     _check_tokens(q, k, v, lr, momentum, forget, w0, tuple(jnp.shape(q)[:3]))
     if initial_state is not None:
         _check_state(initial_state, batch, w0)

@@ -368,6 +368,8 @@ def test_bad_inputs_name_the_tensor():
         ttt_mlp(*args, (x["w0"][0], x["w0"][0], x["w0"][2]), chunk_size=8)
     with pytest.raises(ValueError, match=r"initial_state.weights\[0\]"):
         ttt_mlp(*args, x["w0"], chunk_size=8, initial_state=ttt_mlp_init_state(x["w0"], 3))
+    with pytest.raises(ValueError, match="no tokens"):
+        ttt_mlp(*(a[:, :0] for a in args), x["w0"], chunk_size=8)
     with pytest.raises(ValueError, match="unknown impl"):
         ttt_mlp(*args, x["w0"], chunk_size=8, impl="nope")
 
