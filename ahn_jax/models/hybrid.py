@@ -153,14 +153,24 @@ class HybridQwenForCausalLM(nnx.Module):
         x = self.base.model.embed_tokens(input_ids)
         for i in range(self.config.num_hidden_layers):
             if remat:
-                # window/sinks are closed over, so static ints stay static inside the rematerialised layer.
-                fn = nnx.remat(lambda m, x, p, i=i: m.layer_forward(i, x, p, teacher=teacher, window=window,
-                                                                    sinks=sinks, use_memory=use_memory))
-                x = fn(self, x, positions)
+                x = self._remat_layer(i, x, positions, teacher, window, sinks, use_memory)
             else:
                 x = self.layer_forward(i, x, positions, teacher=teacher, window=window, sinks=sinks,
                                        use_memory=use_memory)
         return self.base.model.norm(x)
+
+    def _remat_layer(self, i, x, positions, teacher, window, sinks, use_memory):
+        """layer_forward under nnx.remat: the backward pass recomputes the layer instead of storing its activations.
+        The layer index, flags and static window/sinks are closed over so they stay Python values."""
+        # jax.checkpoint over an explicit split/merge: a pure function of the arrays (nnx.remat would try to write
+        # the variables back into a module that may belong to an outer jit trace).
+        graphdef, state = nnx.split(self)
+
+        def fn(state, x, positions):
+            return nnx.merge(graphdef, state).layer_forward(i, x, positions, teacher=teacher, window=window,
+                                                            sinks=sinks, use_memory=use_memory)
+
+        return jax.checkpoint(fn)(state, x, positions)
 
     def lm_head_matrix(self):
         """The LM head as [hidden, V] (the transposed embedding table when tied)."""

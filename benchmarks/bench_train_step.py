@@ -1,0 +1,109 @@
+"""One distillation train step at Qwen2.5-3B shapes (random bf16 weights) on one GPU: tokens/s, MFU and peak memory.
+
+Runs exactly what `python -m ahn_jax.train` runs per micro-step (ahn_jax.training.step.make_train_step): teacher forward
+(full attention, no gradient), student forward (window + sinks + Gated DeltaNet memory, traced window/sinks), KL in
+float32 chunked over the sequence, backward through the frozen base into the memory, AdamW update of the memory.
+
+MFU counts 6N FLOPs per token (teacher fwd 2N + student fwd 2N + activation bwd 2N, ../shared/PERF.md), N = base
+parameters, against the H100's 989 TFLOP/s dense bf16 datasheet peak (and the ~790 TFLOP/s measured matmul ceiling).
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_train_step.py [--seq 24576] [--layers 36] [--window 4096 --sinks 128]
+Prints a table last and writes JSON to $OUT (if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ahn_jax.models.config import QwenConfig
+from ahn_jax.models.hybrid import HybridQwenForCausalLM
+from ahn_jax.models.hybrid_config import AHNConfig
+from ahn_jax.models.qwen import QwenForCausalLM
+from ahn_jax.training.optim import make_optimizer
+from ahn_jax.training.step import StepOptions, make_train_step, split_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PEAK_DATASHEET = 989e12
+PEAK_MEASURED = 790e12
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=24576)
+    p.add_argument("--layers", type=int, default=None, help="fewer decoder layers (default: all 36)")
+    p.add_argument("--memory", default="gated_deltanet")
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--sinks", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    cfg = json.loads((ROOT / "tests/models/configs/Qwen2.5-3B-Instruct.json").read_text())
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    config = QwenConfig.from_hf(cfg)
+    t0 = time.perf_counter()
+    base = QwenForCausalLM(config, dtype="bfloat16", rngs=nnx.Rngs(0))
+    ahn = AHNConfig(memory=args.memory, window=args.window, sinks=args.sinks, max_window=8192, max_sinks=4096)
+    model = HybridQwenForCausalLM(base, ahn, rngs=nnx.Rngs(1))
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.base, nnx.Param)))
+    graphdef, mem, frozen = split_model(model)
+    del model, base
+    n_mem = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mem))
+    print(f"built in {time.perf_counter() - t0:.1f}s: base {n_base:,} params, memory {n_mem:,}", flush=True)
+
+    tx = make_optimizer(mem, lr=1e-4, steps=740)
+    opt_state = tx.init(mem)
+    step = make_train_step(graphdef, tx, StepOptions(remat=True))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(0, 151_000, size=(1, args.seq)), jnp.int32),
+             "loss_mask": jnp.ones((1, args.seq), jnp.float32)}
+    w, s = jnp.int32(args.window), jnp.int32(args.sinks)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(mem, opt_state, frozen, batch, w, s).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    print(f"compiled in {compile_s:.1f}s; temp {getattr(ma, 'temp_size_in_bytes', 0) / 2**30:.2f} GiB", flush=True)
+
+    times, losses = [], []
+    for i in range(args.repeats + 1):
+        t0 = time.perf_counter()
+        mem, opt_state, metrics = compiled(mem, opt_state, frozen, batch, w, s)
+        loss = float(metrics["loss"])  # blocks until the step is done
+        dt = time.perf_counter() - t0
+        if not np.isfinite(loss):
+            raise SystemExit(f"non-finite loss {loss} at step {i}")
+        losses.append(loss)
+        if i:  # the first call also transfers/initialises: warm-up
+            times.append(dt)
+        print(f"step {i}: {dt * 1e3:.0f} ms, loss {loss:.4g}", flush=True)
+    med = statistics.median(times)
+    tok_s = args.seq / med
+    flops = 6.0 * n_base * tok_s
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use", 0) / 2**30
+    row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq": args.seq,
+           "layers": config.num_hidden_layers, "memory": args.memory, "window": args.window, "sinks": args.sinks,
+           "step_ms": med * 1e3, "tokens_per_s": tok_s, "mfu_datasheet": flops / PEAK_DATASHEET,
+           "mfu_measured_peak": flops / PEAK_MEASURED, "peak_gib": peak, "compile_s": compile_s,
+           "temp_gib": getattr(ma, "temp_size_in_bytes", 0) / 2**30, "losses": losses}
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "bench_train_step.json").write_text(json.dumps(row, indent=2))
+    print("\n| device | T | layers | step ms | tokens/s | MFU (989) | MFU (790) | peak GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| {row['device']} | {args.seq} | {row['layers']} | {row['step_ms']:.0f} | {tok_s:.0f} | "
+          f"{row['mfu_datasheet']:.1%} | {row['mfu_measured_peak']:.1%} | {peak:.1f} | {compile_s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The jitted distillation step: remat changes nothing numerically, the loss mask drops positions before the window,
+and only the memory parameters move."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ahn_jax.models.config import QwenConfig
+from ahn_jax.models.hybrid import HybridQwenForCausalLM
+from ahn_jax.models.hybrid_config import AHNConfig
+from ahn_jax.models.qwen import QwenForCausalLM
+from ahn_jax.training.optim import make_optimizer
+from ahn_jax.training.step import StepOptions, loss_mask, make_train_step, split_model
+
+TINY = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 96,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
+
+
+def _setup():
+    base = QwenForCausalLM(QwenConfig.from_hf(TINY), dtype="float32", rngs=nnx.Rngs(0))
+    model = HybridQwenForCausalLM(base, AHNConfig(memory="gated_deltanet", window=6, sinks=2, chunk_size=8,
+                                                  max_window=8, max_sinks=4), rngs=nnx.Rngs(1))
+    graphdef, mem, frozen = split_model(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 96, size=(2, 40)), jnp.int32)
+    return graphdef, mem, frozen, {"input_ids": ids, "loss_mask": jnp.ones((2, 40))}
+
+
+def test_remat_matches_no_remat_and_only_memory_moves():
+    graphdef, mem, frozen, batch = _setup()
+    results = []
+    for remat in (False, True):
+        tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+        step = make_train_step(graphdef, tx, StepOptions(remat=remat))
+        p, o = jax.tree.map(jnp.copy, mem), tx.init(mem)
+        losses = []
+        for _ in range(3):
+            p, o, m = step(p, o, frozen, batch, jnp.int32(6), jnp.int32(2))
+            losses.append(float(m["loss"]))
+        results.append((losses, p))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    assert results[0][0][0] > 0 and results[0][0][-1] != results[0][0][0]
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[1][1], mem)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_loss_mask_starts_at_sinks_plus_window():
+    m = loss_mask({"loss_mask": jnp.ones((1, 10))}, jnp.int32(4), jnp.int32(2), True)
+    np.testing.assert_array_equal(np.asarray(m[0]), [0] * 6 + [1] * 4)
+    assert float(loss_mask({"loss_mask": jnp.ones((1, 10))}, 4, 2, False).sum()) == 10
