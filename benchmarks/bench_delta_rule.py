@@ -126,12 +126,32 @@ def sweep():
     q, k, v, beta = (jnp.asarray(x[n], jnp.bfloat16) for n in ("q", "k", "v", "beta"))
     g = jnp.asarray(x["g"])
     prep = jax.jit(lambda k, v, g, beta: pk._prepare(k, v, g, beta, 64))
-    res = {"prep_ms": time_jax(prep, k, v, g, beta)}
+    res = {"prep_xla_ms": time_jax(prep, k, v, g, beta)}
     w, u, gc = prep(k, v, g, beta)
+    # The Pallas WY kernel: agreement with the XLA preparation first, then its time per warps setting.
+    best_wy = None
+    for warps in (4, 8, 2):
+        pk.WY_WARPS = warps
+        prep_p = jax.jit(lambda k, v, g, beta: pk._prepare(k, v, g, beta, 64, pallas_interpret=False))
+        try:
+            w_p, u_p, _ = prep_p(k, v, g, beta)
+            res[f"wy_w{warps}_rel_err"] = {"w": rel(w_p, w), "u": rel(u_p, u)}
+            ms = time_jax(prep_p, k, v, g, beta)
+        except Exception as e:  # noqa: BLE001
+            log(f"sweep wy warps={warps} failed: {type(e).__name__}: {str(e)[:2000]}")
+            continue
+        res[f"prep_pallas_w{warps}_ms"] = ms
+        if best_wy is None or ms < best_wy[0]:
+            best_wy = (ms, warps)
+    if best_wy is not None:
+        pk.WY_WARPS = best_wy[1]
+    else:  # keep the rest of the run useful: the forward falls back to the XLA preparation
+        pk.USE_PALLAS_WY = False
+    log("sweep prep", res)
     h0 = jnp.zeros((b, h, d, d), jnp.float32)
     best = None
     for bv in (64, 32, 16):
-        for warps in (4, 8, 2):
+        for warps in (4, 8):  # 2 warps spilled (7.7..84 ms in the first sweep)
             pk.FWD_WARPS = warps
             kern = jax.jit(lambda q, k, w, u, gc, h0: pk._run_forward(q, k, w, u, gc, h0, chunk=64, scale=d ** -0.5,
                                                                         block_v=bv, interpret=False,
@@ -148,7 +168,8 @@ def sweep():
         log("sweep: no configuration compiled")
         return
     pk.DEFAULT_BLOCK_V, pk.FWD_WARPS = best[1], best[2]
-    res["best"] = {"block_v": best[1], "fwd_warps": best[2], "kernel_ms": best[0]}
+    res["best"] = {"block_v": best[1], "fwd_warps": best[2], "kernel_ms": best[0],
+                   "wy_warps": None if best_wy is None else best_wy[1]}
     log("sweep", name, res)
     ROWS.append({"kind": "sweep", **res})
     save()

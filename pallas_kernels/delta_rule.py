@@ -34,6 +34,7 @@ DEFAULT_BLOCK_V = 16  # measured best on the H100 at B1 T32768 H16 D128 (64: 3.1
 FWD_WARPS = 4
 BWD_WARPS = 8
 WY_WARPS = 4
+USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_solve (the previous design)
 WY_SUB = 16  # block of the on-chip triangular inverse (the smallest Triton dot); chunks not a multiple use one block
 
 
@@ -345,7 +346,7 @@ def _delta_rule_core(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
 
 def _core_fwd(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
     t = q.shape[1]
-    w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret)
+    w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret if USE_PALLAS_WY else None)
     qp, _ = pad_time(q, chunk)
     kp, _ = pad_time(k, chunk)
     o, ht = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v, interpret=interpret,
