@@ -1,0 +1,50 @@
+"""Tiny random hybrid models for the inference tests (float32, non-zero memory output so the memory matters)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ahn_jax.models.config import QwenConfig
+from ahn_jax.models.hybrid import HybridQwenForCausalLM
+from ahn_jax.models.hybrid_config import AHNConfig
+from ahn_jax.models.memory.base import MemoryParam
+from ahn_jax.models.qwen import QwenForCausalLM
+
+TINY = {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
+MEMORIES = ("gated_deltanet", "deltanet", "mamba2", "ttt_mlp")
+
+
+@functools.lru_cache(maxsize=None)
+def make(memory, window, sinks, chunk_size=4, seed=0):
+    """A hybrid model whose memory parameters (zero-initialised o_proj / alpha included) are perturbed randomly:
+    otherwise the memory adds nothing and a cache bug in it could not fail a test."""
+    base = QwenForCausalLM(QwenConfig.from_hf(TINY), dtype="float32", rngs=nnx.Rngs(seed))
+    model = HybridQwenForCausalLM(base, AHNConfig(memory=memory, window=window, sinks=sinks, chunk_size=chunk_size),
+                                  rngs=nnx.Rngs(seed + 1))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, MemoryParam))
+    keys = jax.random.split(jax.random.key(seed + 2), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                   for x, k in zip(leaves, keys)]))
+    return model
+
+
+def parallel_logits(model, ids, teacher=False):
+    """The parallel forward model(ids) [B, T, V], jitted (eager dispatch of the tiny model is slower than a compile)."""
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, teacher=teacher))(state, ids)
+
+
+def random_ids(B, T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, TINY["vocab_size"], size=(B, T)), jnp.int32)
+
+
+def memory_effect(model, ids):
+    """max |student - window-only| logits: proves the memory contributes on this input."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, use_memory=False))
+    return float(jnp.abs(parallel_logits(model, ids) - f(state, ids)).max())
