@@ -35,6 +35,9 @@ FWD_WARPS = 4
 BWD_WARPS = 8
 WY_WARPS = 4
 USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_solve (the previous design)
+# The WY kernel also writes the masked, decayed intra-chunk Q K^T that the forward kernel would otherwise recompute
+# for every V block (half of its per-chunk matrix work at block_v 16).
+PRECOMPUTE_ATTN = True
 WY_SUB = 16  # block of the on-chip triangular inverse (the smallest Triton dot); chunks not a multiple use one block
 
 
@@ -79,12 +82,13 @@ def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
     return gcv, g_last, gamma_mat
 
 
-def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states):
+def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states, has_attn):
     pl = _pl()
     refs = list(refs)
     q_ref, k_ref, w_ref, u_ref = refs[:4]
     gc_ref = refs[4] if gated else None
     rest = refs[5:] if gated else refs[4:]
+    attn_ref = rest.pop(0) if has_attn else None
     h0_ref, o_ref, ht_ref = rest[:3]
     st_ref = rest[3] if save_states else None
 
@@ -103,15 +107,19 @@ def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states):
         w = w_ref[b, ts, h, :]
         u = u_ref[b, ts, h, vs].astype(F32)
         u_new = u - _dot(w, s, cdt)
-        qk = _dot_nt(q, k, cdt)
+        if has_attn:  # masked, decayed Q K^T from the WY kernel (once per chunk instead of once per V block)
+            attn = attn_ref[b, h, ts, :]
         if gated:
-            gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
-            attn = qk * gamma_mat
+            gcv = gc_ref[b, h, ts]
+            g_last = jnp.sum(jnp.where(is_last, gcv, 0.0))
+            if not has_attn:
+                attn = _dot_nt(q, k, cdt) * _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)[2]
             q_dec = q * jnp.exp(gcv)[:, None]
             k_dec = k * jnp.exp(g_last - gcv)[:, None]
             s_decay = jnp.exp(g_last)
         else:
-            attn = jnp.where(causal, qk, 0.0)
+            if not has_attn:
+                attn = jnp.where(causal, _dot_nt(q, k, cdt), 0.0)
             q_dec, k_dec, s_decay = q, k, 1.0
         o = (_dot(q_dec, s, cdt) + _dot(attn, u_new, cdt)) * scale
         o_ref[b, ts, h, vs] = o.astype(o_ref.dtype)
@@ -183,7 +191,7 @@ def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     dh0_ref[b, h, :, vs] = ds0
 
 
-def _wy_kernel(*refs, chunk, sub, gated):
+def _wy_kernel(*refs, chunk, sub, gated, with_attn):
     """One chunk's WY factors on chip: W = T diag(beta e^gc) K, U = T diag(beta) V with T = (I + A)^-1.
 
     A is strictly lower triangular; T is built in sub x sub blocks (sub = 16 on GPU, the smallest Triton dot): each
@@ -192,9 +200,12 @@ def _wy_kernel(*refs, chunk, sub, gated):
     dtype (k k^T of bf16 keys is exact with float32 accumulation).
     """
     pl = _pl()
+    refs = list(refs)
+    q_ref = refs.pop(0) if with_attn else None
     k_ref, v_ref, beta_ref = refs[:3]
     gc_ref = refs[3] if gated else None
-    w_ref, u_ref = refs[-2:]
+    w_ref, u_ref = refs[-3:-1] if with_attn else refs[-2:]
+    attn_ref = refs[-1] if with_attn else None
     b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cdt = k_ref.dtype
     nb = chunk // sub
@@ -250,13 +261,27 @@ def _wy_kernel(*refs, chunk, sub, gated):
         w_ref[b, rows_of(i), h, :] = w.astype(w_ref.dtype)
         u_ref[b, rows_of(i), h, :] = u.astype(u_ref.dtype)
 
+    if with_attn:
+        # The forward kernel's intra-chunk scores, mask(Q K^T * Gamma), in q's dtype (its dot casts them so anyway).
+        whole = pl.ds(c * chunk, chunk)
+        k_all = k_ref[b, whole, h, :]
+        gc_all = gc_ref[b, h, whole] if gated else None
+        col = lax.broadcasted_iota(jnp.int32, (sub, chunk), 1)
+        for i in range(nb):
+            causal = lax.broadcasted_iota(jnp.int32, (sub, chunk), 0) + i * sub >= col
+            qk = _dot_nt(q_ref[b, rows_of(i), h, :], k_all, cdt)
+            if gated:
+                qk = qk * jnp.exp(jnp.where(causal, gcs[i][:, None] - gc_all[None, :], 0.0))
+            attn_ref[b, h, rows_of(i), :] = jnp.where(causal, qk, 0.0).astype(attn_ref.dtype)
 
-def wy_factors_pallas(k, v, beta, gc, chunk: int, *, interpret: bool):
+
+def wy_factors_pallas(k, v, beta, gc, chunk: int, *, interpret: bool, q=None):
     """Pallas version of pallas_kernels.common.wy_factors, one program per (batch, head, chunk).
 
     k: [B, T, H, K], v: [B, T, H, V], beta: [B, T, H], gc: [B, H, T] float32 (chunk-local cumsum) or None; T a multiple
-    of `chunk`. Returns w: [B, T, H, K] (k.dtype), u: [B, T, H, V] (v.dtype). Not differentiable by itself (the
-    custom_vjp differentiates the XLA version).
+    of `chunk`. Returns w: [B, T, H, K] (k.dtype), u: [B, T, H, V] (v.dtype), and with q ([B, T, H, K]) given also
+    attn: [B, H, T, chunk] (q.dtype), row t holding mask(q_t . k_s e^{gc_t - gc_s}) for s in t's chunk (s <= t).
+    Not differentiable by itself (the custom_vjp differentiates the XLA version).
     """
     pl = _pl()
     b, t, h, dk = k.shape
@@ -265,9 +290,12 @@ def wy_factors_pallas(k, v, beta, gc, chunk: int, *, interpret: bool):
         raise ValueError(f"the time axis of k ({t}) must be a multiple of chunk={chunk}")
     sub = WY_SUB if chunk % WY_SUB == 0 else chunk
     gated = gc is not None
-    kernel = functools.partial(_wy_kernel, chunk=chunk, sub=sub, gated=gated)
-    args = [k, v, beta] + ([gc] if gated else [])
+    with_attn = q is not None
+    kernel = functools.partial(_wy_kernel, chunk=chunk, sub=sub, gated=gated, with_attn=with_attn)
+    args = ([q] if with_attn else []) + [k, v, beta] + ([gc] if gated else [])
     out_shape = (jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype))
+    if with_attn:
+        out_shape += (jax.ShapeDtypeStruct((b, h, t, chunk), q.dtype),)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, t // chunk), interpret=interpret,
                           compiler_params=_compiler_params(WY_WARPS, 1), name="delta_rule_wy")(*args)
 
@@ -280,7 +308,7 @@ def _pick_block_v(dv: int, block_v):
     return block_v
 
 
-def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_states):
+def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_states, attn=None):
     pl = _pl()
     b, t, h, dk = q.shape
     dv = u.shape[-1]
@@ -290,8 +318,8 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_s
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), F32))
     kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated,
-                               save_states=save_states)
-    args = [q, k, w, u] + ([gc] if gated else []) + [h0]
+                               save_states=save_states, has_attn=attn is not None)
+    args = [q, k, w, u] + ([gc] if gated else []) + ([] if attn is None else [attn]) + [h0]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, dv // block_v), interpret=interpret,
                           compiler_params=_compiler_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS, 2),
                           name="delta_rule_fwd")(*args)
@@ -318,11 +346,11 @@ def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, int
     return dq, dk_, dw, du, dgc, outs[-1]
 
 
-def _prepare(k, v, g, beta, chunk, pallas_interpret=None):
+def _prepare(k, v, g, beta, chunk, pallas_interpret=None, q=None):
     """Padded chunk-local cumsum and WY factors. Returns (w, u, gc) on the padded time axis.
 
     pallas_interpret=None: the differentiable XLA version (the backward's jax.vjp and the reference); True/False: the
-    Pallas WY kernel (forward only) in interpret/compiled mode.
+    Pallas WY kernel (forward only) in interpret/compiled mode; with q (padded) given it returns ((w, u, gc), attn).
     """
     k, _ = pad_time(k, chunk)
     v, _ = pad_time(v, chunk)
@@ -333,6 +361,9 @@ def _prepare(k, v, g, beta, chunk, pallas_interpret=None):
         gc = chunk_cumsum(g, chunk)
     if pallas_interpret is None:
         w, u = wy_factors(k, v, beta, gc, chunk)
+    elif q is not None:
+        w, u, attn = wy_factors_pallas(k, v, beta, gc, chunk, interpret=pallas_interpret, q=q)
+        return (w, u, gc), attn
     else:
         w, u = wy_factors_pallas(k, v, beta, gc, chunk, interpret=pallas_interpret)
     return w, u, gc
@@ -346,11 +377,17 @@ def _delta_rule_core(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
 
 def _core_fwd(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
     t = q.shape[1]
-    w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret if USE_PALLAS_WY else None)
     qp, _ = pad_time(q, chunk)
     kp, _ = pad_time(k, chunk)
+    attn = None
+    if not USE_PALLAS_WY:
+        w, u, gc = _prepare(k, v, g, beta, chunk)
+    elif PRECOMPUTE_ATTN:
+        (w, u, gc), attn = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret, q=qp)
+    else:
+        w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret)
     o, ht = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v, interpret=interpret,
-                         save_states=False)
+                         save_states=False, attn=attn)
     return o[:, :t], ht, (q, k, v, g, beta, h0)
 
 
