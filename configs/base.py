@@ -33,6 +33,9 @@ def get_config(arg=None):
     c.window.fixed_sinks = 0
     c.window.max_window = 8192  # static bound for traced windows (block range of the attention)
     c.window.max_sinks = 4096
+    # False: window/sinks are traced (one compilation; blockwise xla attention). True: one compiled step per sampled
+    # (window, sinks) pair, which reaches the cuDNN / Pallas attention kernels on GPU.
+    c.window.static = False
 
     c.data = config_dict.ConfigDict()
     c.data.kind = "chat_jsonl"  # chat_jsonl | chat_parquet | text_jsonl | tfds | synthetic

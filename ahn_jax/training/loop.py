@@ -127,7 +127,17 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
         opts = StepOptions(temperature=t.temperature, ce_weight=t.ce_weight, remat=t.remat,
                            valid_vocab=getattr(cfg.data, "valid_vocab", None) or None,
                            mask_before_window=cfg.ahn.memory != "ttt_mlp")
-        step_fn = make_train_step(graphdef, tx, opts)
+        # window.static: one compiled step per sampled (window, sinks) value, reaching the static-window kernels.
+        static_steps = {} if cfg.window.get("static", False) else None
+        traced_step = make_train_step(graphdef, tx, opts) if static_steps is None else None
+
+        def step_fn(mem_params, opt_state, frozen, batch, window, sinks):
+            if static_steps is None:
+                return traced_step(mem_params, opt_state, frozen, batch, jnp.int32(window), jnp.int32(sinks))
+            key = (int(window), int(sinks))
+            if key not in static_steps:
+                static_steps[key] = make_train_step(graphdef, tx, opts, static_window=key)
+            return static_steps[key](mem_params, opt_state, frozen, batch, jnp.int32(window), jnp.int32(sinks))
 
         data = data_iter_factory()
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.ckpt.keep, every=cfg.ckpt.every,
@@ -162,8 +172,8 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
                 dev_batch = {"input_ids": jax.make_array_from_process_local_data(batch_sh, ids),
                              "loss_mask": jax.make_array_from_process_local_data(
                                  batch_sh, np.asarray(batch["loss_mask"], np.float32))}
-                mem_params, opt_state, metrics = step_fn(mem_params, opt_state, frozen, dev_batch,
-                                                         jnp.int32(ws.window), jnp.int32(ws.sinks))
+                mem_params, opt_state, metrics = step_fn(mem_params, opt_state, frozen, dev_batch, ws.window,
+                                                         ws.sinks)
                 micro += 1
                 tokens += ids.size
                 acc.append(metrics)

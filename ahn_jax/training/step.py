@@ -58,10 +58,16 @@ def compute_loss(graphdef, mem_params, frozen, batch, window, sinks, opts: StepO
                         chunk=opts.loss_chunk)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions):
-    """A jitted `step(mem_params, opt_state, frozen, batch, window, sinks) -> (mem_params, opt_state, metrics)`."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, static_window=None):
+    """A jitted `step(mem_params, opt_state, frozen, batch, window, sinks) -> (mem_params, opt_state, metrics)`.
+
+    static_window=(window, sinks): bake these Python ints into the compiled step (the window/sinks arguments are then
+    ignored). Static windows reach the fastest attention kernels (cuDNN, Pallas), at one compilation per value;
+    traced windows (the default) compile once for every value (ahn_jax.ops.attention's blockwise xla path)."""
 
     def step(mem_params, opt_state, frozen, batch, window, sinks):
+        if static_window is not None:
+            window, sinks = static_window
         def f(p):
             return compute_loss(graphdef, p, frozen, batch, window, sinks, opts)
 

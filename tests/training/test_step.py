@@ -49,3 +49,14 @@ def test_loss_mask_starts_at_sinks_plus_window():
     m = loss_mask({"loss_mask": jnp.ones((1, 10))}, jnp.int32(4), jnp.int32(2), True)
     np.testing.assert_array_equal(np.asarray(m[0]), [0] * 6 + [1] * 4)
     assert float(loss_mask({"loss_mask": jnp.ones((1, 10))}, 4, 2, False).sum()) == 10
+
+
+def test_static_window_step_equals_traced_window_step():
+    graphdef, mem, frozen, batch = _setup()
+    out = []
+    for static in (None, (6, 2)):
+        tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+        step = make_train_step(graphdef, tx, StepOptions(remat=False), static_window=static)
+        _, _, m = step(jax.tree.map(jnp.copy, mem), tx.init(mem), frozen, batch, jnp.int32(6), jnp.int32(2))
+        out.append(float(m["loss"]))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
