@@ -30,10 +30,10 @@ from pallas_kernels.common import check_rank, chunk_cumsum, pad_time, wy_factors
 F32 = jnp.float32
 # Tuning knobs (GPU): value-block width when the caller gives none, and Triton warps per program. Batch-1 long
 # sequences need block_v small enough that B*H*V/block_v programs fill the GPU's SMs (benchmarks/NOTES_delta_rule.md).
-DEFAULT_BLOCK_V = 16  # measured best on the H100 at B1 T32768 H16 D128 (64: 3.14 ms, 32: 2.33, 16: 1.89)
+DEFAULT_BLOCK_V = 16  # best on the H100 at B1 T32768 H16 D128: with PRECOMPUTE_ATTN 64: 2.28 ms, 32: 1.55, 16: 1.51
 FWD_WARPS = 4
 BWD_WARPS = 8
-WY_WARPS = 4
+WY_WARPS = 4  # H100: 4 warps 0.98-1.03 ms, 2: 0.88-1.03, 1: 2.15, 8: 1.73 (two runs; 2 and 4 tie within run noise)
 USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_solve (the previous design)
 # The WY kernel also writes the masked, decayed intra-chunk Q K^T that the forward kernel would otherwise recompute
 # for every V block (half of its per-chunk matrix work at block_v 16).
