@@ -55,6 +55,25 @@ def lm_loss(model, ids, weights):
     return loss, {"answer_loss": jnp.sum(nll * is_answer) / n_ans, "answer_acc": jnp.sum(correct * is_answer) / n_ans}
 
 
+def fan_in_init(params, seed: int):
+    """Redraw every [in, out] kernel with std 1/sqrt(in) (embeddings keep the model's 0.02 init).
+
+    Why: the HF-style 0.02 init is made for wide models; at hidden 64 it leaves attention scores ~0.1 (uniform
+    attention), and training sat on a plateau with no recall at all for thousands of steps (measured: held-out recall
+    at chance after 2000 steps). Larger q/k/v/o weights give content-based attention a gradient to start from."""
+    from ahn_jax.hf.qwen_names import flat_params
+
+    leaves, rebuild = flat_params(params)
+    key = jax.random.key(seed)
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(leaves.items())):
+        if leaf.ndim == 2 and "embed" not in path:
+            std = leaf.shape[0] ** -0.5
+            leaf = (std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(leaf.dtype)
+        out[path] = leaf
+    return rebuild(out)
+
+
 def make_lm_step(graphdef, tx):
     """A jitted `step(params, opt_state, ids [B, T], weights [B, T]) -> (params, opt_state, metrics)`."""
 
@@ -122,6 +141,8 @@ def pretrain(cfg, workdir, *, data_iter_factory, progress: bool = True):
                             rngs=nnx.Rngs(t.seed))
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params = nnx.split(model, nnx.Param)
+    if t.get("init", "model") == "fan_in":
+        params = fan_in_init(params, t.seed)
     from ahn_jax.training.loop import MetricsWriter
 
     answer_weight = float(t.get("answer_weight", 1.0))
