@@ -1,0 +1,143 @@
+"""The embedded demo (issue 7) and the trainer's determinism (issue 6): pretraining lowers the loss and exports a
+loadable teacher; a shortened `python -m ahn_jax.train --config=configs/tiny_gdn.py` on the shipped teacher writes
+report.json and its memory lowers the held-out KL of window-only attention; an interrupted + resumed run
+reproduces the uninterrupted losses; a 1-device and an 8-device data mesh give the same losses."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from configs import tiny_gdn, tiny_teacher  # noqa: E402
+
+from ahn_jax.train import make_data_factory  # noqa: E402
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run_cli(workdir, config, *overrides, devices=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, "-m", "ahn_jax.train", f"--config={ROOT / 'configs' / config}", f"--workdir={workdir}",
+           *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def test_pretrain_lowers_loss_and_exports_a_loadable_teacher(tmp_path):
+    from ahn_jax.models.loading import load_pretrained
+    from ahn_jax.training.pretrain import pretrain
+
+    cfg = tiny_teacher.get_config()
+    cfg.model.random_init = dict(cfg.model.random_init, hidden_size=32, intermediate_size=64, head_dim=8)
+    cfg.data.min_length = cfg.data.cutoff_len = 128
+    cfg.data.buckets = (128,)
+    cfg.train.steps, cfg.train.log_every, cfg.train.lr, cfg.train.warmup_ratio = 12, 4, 1e-2, 0.0
+    logged, model = pretrain(cfg, str(tmp_path), data_iter_factory=make_data_factory(cfg), progress=False)
+    losses = [m["loss"] for m in logged]
+    assert [m["step"] for m in logged] == [4, 8, 12]
+    assert losses[-1] < losses[0] - 0.5, losses  # from ~log(512) the unigram statistics alone drop it fast
+    teacher = load_pretrained(tmp_path / "teacher", dtype="float32")
+    ids = np.random.default_rng(0).integers(0, 478, size=(2, 40)).astype(np.int32)
+    np.testing.assert_allclose(np.asarray(teacher(ids)), np.asarray(model(ids)), rtol=1e-5, atol=1e-5)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "teacher" / name).is_file(), name
+    ev = json.loads((tmp_path / "teacher_eval.json").read_text())
+    assert 0.0 <= ev["all"] <= 1.0 and ev["answers"] > 0
+    with pytest.raises(FileExistsError, match="teacher"):  # no silent overwrite of an exported teacher
+        pretrain(cfg, str(tmp_path), data_iter_factory=make_data_factory(cfg), progress=False)
+
+
+def test_shipped_teacher_recalls_beyond_the_window():
+    """The shipped teacher (full attention) must solve the demo's recall tasks, or the demo shows nothing."""
+    from ahn_jax.models.loading import load_pretrained
+    from ahn_jax.training.pretrain import heldout_answer_accuracy
+
+    cfg = tiny_gdn.get_config()
+    ev = heldout_answer_accuracy(load_pretrained(cfg.model.path, dtype="float32"), cfg, documents=16, seed=99)
+    assert ev["beyond_window"] > 0.5, ev  # measured 0.70 on 32 documents (tiny_teacher/README.md)
+
+
+def test_demo_cli_report_and_memory_beats_window_only(tmp_path):
+    res = _run_cli(tmp_path, "tiny_gdn.py", "--config.train.steps=60", "--config.train.lr=5e-3",
+                   "--config.demo.documents=24", "--config.ckpt.every=60")
+    report = json.loads((tmp_path / "report.json").read_text())
+    acc = report["beyond_window_accuracy"]
+    assert set(acc) == {"teacher", "window_only", "memory"}
+    assert set(report["heldout_kl"]) == {"window_only", "memory"}
+    assert report["answers"]["beyond"] >= 50
+    assert "beyond-window acc" in res.stdout
+    # Measured on the full run (200 updates): KL 0.95 -> 0.38, but beyond-window accuracy only 0.021 -> 0.028 (teacher
+    # 0.69): the accuracy gain is not yet robust, so the test checks the KL, which the memory reliably lowers.
+    assert all(0.0 <= acc[v] <= 1.0 for v in acc)
+    assert report["heldout_kl"]["memory"] < 0.8 * report["heldout_kl"]["window_only"], report
+    assert (tmp_path / "ahn.safetensors").is_file()
+
+
+class _StopAfter:
+    """A data iterator that raises after `n` batches (an interrupted run), keeping get_state/set_state."""
+
+    def __init__(self, it, n):
+        self.it, self.n = it, n
+
+    def __next__(self):
+        if self.n == 0:
+            raise KeyboardInterrupt("simulated interruption")
+        self.n -= 1
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def _short_distill_config():
+    cfg = tiny_gdn.get_config()
+    cfg.data.min_length = cfg.data.cutoff_len = 96
+    cfg.data.buckets = (96,)
+    cfg.train.steps, cfg.train.log_every, cfg.train.lr = 6, 1, 3e-3
+    cfg.ckpt.every, cfg.ckpt.async_save = 1, False
+    cfg.train.export_ahn = False
+    return cfg
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    from ahn_jax.training.loop import train
+
+    cfg = _short_distill_config()
+    full, _ = train(cfg, str(tmp_path / "full"), data_iter_factory=make_data_factory(cfg), progress=False)
+    factory = make_data_factory(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, str(tmp_path / "cut"), data_iter_factory=lambda: _StopAfter(factory(), 3), progress=False)
+    resumed, _ = train(cfg, str(tmp_path / "cut"), data_iter_factory=make_data_factory(cfg), progress=False)
+    cut = _metrics(tmp_path / "cut")
+    assert [m["step"] for m in cut] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    np.testing.assert_array_equal([m["loss"] for m in cut], [m["loss"] for m in full])
+
+
+@pytest.mark.slow
+def test_one_and_eight_device_meshes_give_the_same_losses(tmp_path):
+    args = ("--config.train.steps=3", "--config.train.log_every=1", "--config.data.min_length=96",
+            "--config.data.cutoff_len=96", "--config.data.buckets=(96,)", "--config.train.export_ahn=False",
+            "--config.demo.documents=0")
+    _run_cli(tmp_path / "one", "tiny_gdn.py", "--config.mesh.data=1", *args, devices=1)
+    _run_cli(tmp_path / "eight", "tiny_gdn.py", "--config.mesh.data=8", *args, devices=8)
+    one, eight = _metrics(tmp_path / "one"), _metrics(tmp_path / "eight")
+    assert [m["step"] for m in one] == [m["step"] for m in eight] == [1, 2, 3]
+    np.testing.assert_allclose([m["loss"] for m in one], [m["loss"] for m in eight], rtol=1e-5, atol=1e-6)
