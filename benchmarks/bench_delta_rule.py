@@ -222,7 +222,7 @@ def bench_shape(name, b, t, h, d, gated, modes, with_xla):
     log(f"{op} {name}: ours", {n: row[n] for n in row if n.startswith("ours_")})
     if with_xla:
         try:
-            from ahn_jax.ops import delta_rule as ops_dr
+            from ahn_jax.ops import gated_delta as ops_dr
             if gated:
                 xla = jax.jit(lambda q, k, v, g, beta: ops_dr.gated_delta_rule(q, k, v, g, beta, impl="chunk")[0])
             else:

@@ -20,8 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ahn_jax.ops.delta_rule import gated_delta_rule
-from ahn_jax.ops.ssd import ssd
+from ahn_jax.ops.gated_delta import gated_delta_rule
+from ahn_jax.ops.mamba_ssd import ssd
 
 
 def _gdr_case(t, h, d, chunk, dtype):

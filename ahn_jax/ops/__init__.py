@@ -1,12 +1,13 @@
-"""Pure-JAX operators (imports only jax and numpy). Each has a plain reference; Pallas kernels are `impl`s of them.
+"""Pure-JAX operators (imports only jax and numpy). Each has a plain reference; Pallas kernels are `impl`s of them,
+chosen through ahn_jax.ops.dispatch.
 
-Exports are filled in as the ops land: gated_delta_rule, delta_rule, ssd, ttt_mlp, attention.
+Public functions: attention, cached_attention (window + sinks attention), gated_delta_rule, delta_rule (and their
+*_step forms), ssd (Mamba2) and ssd_step, ttt_mlp (AllMem) with ttt_mlp_prefill / ttt_mlp_step. The modules are
+ops.attention, ops.gated_delta, ops.mamba_ssd, ops.ttt and ops.window (the window/sink semantics, defined once).
 """
 
-from ahn_jax.ops.attention import attention, cached_attention  # noqa: E402,F401
-# `delta_rule` and `ssd` stay the submodules (models import them as modules); their functions are
-# ahn_jax.ops.delta_rule.delta_rule and ahn_jax.ops.ssd.ssd.
-from ahn_jax.ops.delta_rule import gated_delta_rule, gated_delta_rule_step, delta_rule_step  # noqa: E402,F401
-from ahn_jax.ops.ssd import ssd_step  # noqa: E402,F401
-from ahn_jax.ops.ttt import (TTTPending, TTTState, ttt_mlp, ttt_mlp_init_pending, ttt_mlp_init_state,  # noqa: E402,F401
-                             ttt_mlp_prefill, ttt_mlp_step)
+from ahn_jax.ops.attention import attention, cached_attention  # noqa: F401
+from ahn_jax.ops.gated_delta import (  # noqa: F401
+    delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step)
+from ahn_jax.ops.mamba_ssd import ssd, ssd_step  # noqa: F401
+from ahn_jax.ops.ttt import ttt_mlp, ttt_mlp_init_pending, ttt_mlp_init_state, ttt_mlp_prefill, ttt_mlp_step  # noqa: F401

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ahn_jax.ops import delta_rule as dr
+from ahn_jax.ops import gated_delta as dr
 
 B, H, K, V = 2, 2, 16, 24
 

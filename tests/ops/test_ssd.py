@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ahn_jax.ops import ssd as ssd_mod
+from ahn_jax.ops import mamba_ssd as ssd_mod
 
 BATCH, H, G, P, N = 2, 2, 1, 8, 16  # two heads share one B/C group
 

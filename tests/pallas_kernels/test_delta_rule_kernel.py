@@ -131,7 +131,7 @@ def test_bad_shapes_name_the_tensor():
 
 def test_op_dispatch_adapter_matches_op_reference():
     """The adapter registered as impl="pallas" follows ahn_jax.ops' calling convention and matches its reference."""
-    from ahn_jax.ops import delta_rule as ops_dr
+    from ahn_jax.ops import gated_delta as ops_dr
 
     q, k, v, g, beta, h0 = _inputs(7, 1, 27, 2, 16, 16, True)
     o, s = jax.jit(lambda *a: kernel.gated_delta_rule_impl(*a, scale=0.5, initial_state=h0, chunk_size=8))(

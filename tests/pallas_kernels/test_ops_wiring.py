@@ -7,7 +7,7 @@ import numpy as np
 
 from ahn_jax import ops
 from ahn_jax.ops import dispatch
-from ahn_jax.ops.delta_rule import delta_rule
+from ahn_jax.ops.gated_delta import delta_rule
 
 
 def test_attention_pallas_impl_matches_xla():

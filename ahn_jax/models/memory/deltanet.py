@@ -24,7 +24,7 @@ from ahn_jax.models.memory.base import (
 
 def _delta_ops():
     # Imported when used so the model package imports even where the op module is being rebuilt.
-    from ahn_jax.ops import delta_rule
+    from ahn_jax.ops import gated_delta as delta_rule
 
     return delta_rule
 

@@ -25,7 +25,7 @@ from ahn_jax.models.memory.base import (
 
 
 def _ssd_ops():
-    from ahn_jax.ops import ssd
+    from ahn_jax.ops import mamba_ssd as ssd
 
     return ssd
 

@@ -195,5 +195,5 @@ def ssd_step(x, dt, A, B, C, state, *, D=None, dt_bias=None, dt_softplus=False):
     return _skip(y, x, D), state
 
 
-dispatch.register("ssd", "recurrent", "ahn_jax.ops.ssd:_ssd_recurrent", {"cpu": 0, "gpu": 0, "tpu": 0})
-dispatch.register("ssd", "chunk", "ahn_jax.ops.ssd:_ssd_chunk", {"cpu": 1, "gpu": 1, "tpu": 1})
+dispatch.register("ssd", "recurrent", "ahn_jax.ops.mamba_ssd:_ssd_recurrent", {"cpu": 0, "gpu": 0, "tpu": 0})
+dispatch.register("ssd", "chunk", "ahn_jax.ops.mamba_ssd:_ssd_chunk", {"cpu": 1, "gpu": 1, "tpu": 1})

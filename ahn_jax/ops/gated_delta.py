@@ -234,11 +234,11 @@ def delta_rule_step(q, k, v, beta, state, *, scale=None, use_qk_l2norm=False):
 
 
 _EVERYWHERE = ("cpu", "gpu", "tpu")
-dispatch.register("gated_delta_rule", "recurrent", "ahn_jax.ops.delta_rule:_gdr_recurrent",
+dispatch.register("gated_delta_rule", "recurrent", "ahn_jax.ops.gated_delta:_gdr_recurrent",
                   {b: 0 for b in _EVERYWHERE})
-dispatch.register("gated_delta_rule", "chunk", "ahn_jax.ops.delta_rule:_gdr_chunk", {b: 1 for b in _EVERYWHERE})
-dispatch.register("delta_rule", "recurrent", "ahn_jax.ops.delta_rule:_dr_recurrent", {b: 0 for b in _EVERYWHERE})
-dispatch.register("delta_rule", "chunk", "ahn_jax.ops.delta_rule:_dr_chunk", {b: 1 for b in _EVERYWHERE})
+dispatch.register("gated_delta_rule", "chunk", "ahn_jax.ops.gated_delta:_gdr_chunk", {b: 1 for b in _EVERYWHERE})
+dispatch.register("delta_rule", "recurrent", "ahn_jax.ops.gated_delta:_dr_recurrent", {b: 0 for b in _EVERYWHERE})
+dispatch.register("delta_rule", "chunk", "ahn_jax.ops.gated_delta:_dr_chunk", {b: 1 for b in _EVERYWHERE})
 # Pallas kernels (pallas_kernels/delta_rule.py): measured ~5x faster than "chunk" on an H100 (benchmarks/RESULTS.md);
 # on CPU they run in interpret mode only when asked for by name; never run on a TPU yet, so not registered there.
 dispatch.register("gated_delta_rule", "pallas", "pallas_kernels.delta_rule:gated_delta_rule_impl",
