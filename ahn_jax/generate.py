@@ -90,5 +90,17 @@ def main(argv=None) -> int:
     return 0
 
 
+class _CallableModule(type(sys)):
+    """Importing this CLI module binds `ahn_jax.generate` to it, shadowing the public function of the same name;
+    calling the module calls that function, so `ahn_jax.generate(model, tokenizer, prompt, ...)` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        from ahn_jax.inference.generation import generate as _generate
+
+        return _generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,15 +98,15 @@ def test_generate_greedy_matches_the_parallel_forward(capsys):
 
 @pytest.fixture
 def cli():
-    """The CLI module. Importing the submodule ahn_jax.generate shadows the lazy function ahn_jax.generate (same
-    name) on the package; drop that attribute again so other tests still get the function."""
+    """The CLI module. Importing the submodule ahn_jax.generate binds it on the package in place of the lazy
+    function of the same name; the module is callable and forwards to that function."""
     import importlib
 
     import ahn_jax
 
     module = importlib.import_module("ahn_jax.generate")
+    assert ahn_jax.generate is module and callable(ahn_jax.generate)
     yield module
-    ahn_jax.__dict__.pop("generate", None)
 
 
 def test_cli_runs_on_a_tiny_exported_model(tmp_path, capsys, cli):
