@@ -28,6 +28,7 @@ from flax import nnx
 
 from ahn_jax.inference.cache import (
     InferenceCache, LayerCache, batch_state, init_cache, per_sequence_state)
+from ahn_jax.models.hybrid import finish_layer
 from ahn_jax.ops.attention import cached_attention
 from ahn_jax.ops.window import evicted_position, first_memory_query
 
@@ -155,21 +156,14 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
                                jnp.ones((B, tc), bool)], axis=1)
     o = cached_attention(q, k_all, v_all, positions, k_pos, k_valid, window=cache.window, sinks=s)
 
-    state, new_gates, residual_y = lc.memory, None, None
+    state, new_gates, y = lc.memory, None, None
     if mem is not None:
         if decoding:
             y, state, new_gates = _memory_decode(mem, lc, q, k, v, u, positions, cache.window, s)
         else:
             y, state, new_gates = _memory_prefill(mem, lc, q, k, v, u, cache.lengths[0], first_valid,
                                                   cache.window, s)
-        if mem.output_site == "pre_o_proj":
-            o = o + y.reshape(o.shape).astype(o.dtype)
-        else:
-            residual_y = y
-    x = x + attn.output(o)
-    if residual_y is not None:
-        x = x + residual_y.astype(x.dtype)
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = finish_layer(layer, mem, x, o, y)
 
     # Store the new tokens: only the last min(Tc, R) can still be in the ring (distinct slots, no write collisions),
     # and only the first min(Tc, S) can be sinks.

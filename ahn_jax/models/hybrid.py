@@ -50,6 +50,22 @@ def repeat_kv(x, num_heads):
     return jnp.repeat(x, num_heads // x.shape[2], axis=2)
 
 
+def finish_layer(layer, mem, x, o, y):
+    """The rest of a hybrid decoder layer once attention (o [B, T, Hq, D]) and the memory (y, or None) ran: AHN adds y
+    to o before the frozen o_proj, AllMem adds it to the residual stream; then the MLP block. The one definition the
+    parallel forward and the cached prefill/decode share."""
+    residual_y = None
+    if y is not None:
+        if mem.output_site == "pre_o_proj":
+            o = o + y.reshape(o.shape).astype(o.dtype)
+        else:
+            residual_y = y
+    x = x + layer.self_attn.output(o)
+    if residual_y is not None:
+        x = x + residual_y.astype(x.dtype)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 class HybridQwenForCausalLM(nnx.Module):
     """`model(ids)` -> student logits [B, T, V] float32; `model(ids, teacher=True)` -> teacher logits.
 
@@ -126,17 +142,8 @@ class HybridQwenForCausalLM(nnx.Module):
             o = self._attend(q, k, v, None, 0)
         else:
             o = self._attend(q, k, v, window, sinks)
-        residual_y = None
-        if mem is not None:
-            y = self._memory_output(mem, q, k, v, u, window, sinks)
-            if mem.output_site == "pre_o_proj":
-                o = o + y.reshape(o.shape).astype(o.dtype)
-            else:
-                residual_y = y
-        x = x + attn.output(o)
-        if residual_y is not None:
-            x = x + residual_y.astype(x.dtype)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        y = None if mem is None else self._memory_output(mem, q, k, v, u, window, sinks)
+        return finish_layer(layer, mem, x, o, y)
 
     # --- whole model ------------------------------------------------------------------------------------------------
     def hidden_states(self, input_ids, positions=None, *, teacher=False, window=None, sinks=None, remat=False,
