@@ -1,0 +1,1 @@
+"""Data-only package: the shipped tiny teacher (a package so wheels include its config, weights and tokenizer)."""
