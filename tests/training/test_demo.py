@@ -180,3 +180,21 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     resumed, _ = train(cfg, str(tmp_path / "cut"), data_iter_factory=make_data_factory(cfg), progress=False)
     assert [m["step"] for m in resumed] == [3, 4, 5, 6]
     np.testing.assert_array_equal([m["loss"] for m in stopped + resumed], [m["loss"] for m in full])
+
+
+@pytest.mark.slow
+def test_two_jax_distributed_processes_agree_with_one_process(tmp_path):
+    """launch/local_multiprocess.sh: two CPU processes joined by jax.distributed (one device each, each feeding its
+    own host shard of the batch) give the losses of one process with two devices."""
+    args = ["--config.train.steps=2", "--config.train.batch_size=2", "--config.train.log_every=1",
+            "--config.data.min_length=96", "--config.data.cutoff_len=96", "--config.data.buckets=(96,)",
+            "--config.train.export_ahn=False", "--config.demo.documents=0", "--config.ckpt.async_save=False"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "--config", "configs/tiny_gdn.py",
+                          "--workdir", str(tmp_path / "two"), "--num-processes", "2", "--devices-per-process", "1",
+                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _run_cli(tmp_path / "one", "tiny_gdn.py", *args, devices=2)
+    two, one = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [1, 2]
+    np.testing.assert_allclose([m["loss"] for m in two], [m["loss"] for m in one], rtol=1e-5, atol=1e-7)
