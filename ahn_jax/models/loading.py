@@ -141,7 +141,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype="bfloat16", ahn=None, ahn_
     if ahn_weights is not None and ahn is None:
         raise ValueError("load_pretrained: ahn_weights needs ahn=AHNConfig(memory=..., window=..., sinks=...) to say "
                          "which memory the file holds and which window to run it with")
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_pretrained: {path} is not a directory (expected an HF checkpoint directory or "
                                 f"an Orbax directory written by `python -m ahn_jax.convert`)")
