@@ -10,7 +10,10 @@ def get_config(arg=None):
     # step than traced windows on an H100 at 3B shapes (benchmarks/RESULTS.md).
     c.window.static = True
     c.ahn.memory = "ttt_mlp"
-    c.ahn.chunk_size = 2048
+    # The write chunk is fixed per run (the sampler's chunk draw is not used yet): 512 keeps chunk <= window for every
+    # sampled window (ALLMEM.md §4.2); the inference default window is 4096 (LongBench setting, ALLMEM.md §1).
+    c.ahn.chunk_size = 512
+    c.window.fixed_window = 4096
     c.window.kind = "allmem"
     c.data.loss_mask = "all"
     c.data.filter_len = 512

@@ -25,6 +25,9 @@ def test_configs_load(name, memory, monkeypatch):
     for key in ("model.path", "train.steps", "train.log_every", "ckpt.every"):
         section, field = key.split(".")
         assert field in c[section]
+    from ahn_jax.training.loop import ahn_config_from
+
+    assert ahn_config_from(c).memory == memory  # the model's AHNConfig validates (e.g. AllMem chunk <= window)
     if memory != "ttt_mlp":
         assert (c.train.lr, c.train.warmup_ratio, c.train.weight_decay, c.train.steps) == (1e-4, 0.1, 0.1, 740)
         assert c.data.cutoff_len == 24576 and c.data.filter_len == 288
