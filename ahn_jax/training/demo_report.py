@@ -26,6 +26,9 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
     from ahn_jax.data.synthetic import evidence_beyond_window
 
     graphdef, state = nnx.split(model)
+    # Evaluate on one device: the trained state may be sharded over a (fake) multi-device mesh, and this small
+    # evaluation needs no collectives (with 8 fake CPU devices they stalled here).
+    state = jax.device_put(jax.device_get(state), jax.devices()[0])
 
     @jax.jit
     def run(state, ids):
