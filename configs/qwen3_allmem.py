@@ -5,11 +5,7 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.get_config(arg)
-    # One compilation per sampled (window, sinks) value reaches the cuDNN / Pallas attention kernels: 4.3x faster per
-    # step than traced windows on an H100 at 3B shapes (benchmarks/RESULTS.md).
-    c.window.static = True
-    c.ahn.memory = "ttt_mlp"
+    c = base.paper_recipe("ttt_mlp", arg)
     # The write chunk is fixed per run (the sampler's chunk draw is not used yet): 512 keeps chunk <= window for every
     # sampled window (ALLMEM.md §4.2); the inference default window is 4096 (LongBench setting, ALLMEM.md §1).
     c.ahn.chunk_size = 512

@@ -8,10 +8,5 @@ from configs import base
 
 
 def get_config(arg=None):
-    c = base.get_config(arg)
-    # One compilation per sampled (window, sinks) value reaches the cuDNN / Pallas attention kernels: 4.3x faster per
-    # step than traced windows on an H100 at 3B shapes (benchmarks/RESULTS.md).
-    c.window.static = True
-    c.ahn.memory = "mamba2"
-    c.data.kind = "chat_jsonl"
+    c = base.paper_recipe("mamba2", arg)
     return c
