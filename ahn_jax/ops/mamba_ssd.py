@@ -197,3 +197,6 @@ def ssd_step(x, dt, A, B, C, state, *, D=None, dt_bias=None, dt_softplus=False):
 
 dispatch.register("ssd", "recurrent", "ahn_jax.ops.mamba_ssd:_ssd_recurrent", {"cpu": 0, "gpu": 0, "tpu": 0})
 dispatch.register("ssd", "chunk", "ahn_jax.ops.mamba_ssd:_ssd_chunk", {"cpu": 1, "gpu": 1, "tpu": 1})
+# The Pallas kernel (pallas_kernels/ssd.py, Triton lowering): on CPU only by name, in interpret mode. On GPU it ranks
+# below "chunk" until a GPU timing shows it is faster (benchmarks/bench_ssd.py); no TPU run yet, so not registered there.
+dispatch.register("ssd", "pallas", "pallas_kernels.ssd:ssd_impl", {"gpu": 0.5, "cpu": None})
