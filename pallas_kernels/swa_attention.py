@@ -11,6 +11,9 @@ Cost is O(T * (window + sinks)): every key loop visits only the blocks that hold
                  `n_split` chunks handled by extra programs (j >= nK) that write partial sums into extra rows of the
                  output; the wrapper adds them back. No program walks more than ~(window + block)/block_q query blocks,
                  so the sinks do not create one long straggler program.
+  dq             dq_mode="kernel": its own kernel over the forward's grid (recomputes q k^T and dO v^T: 7 backward
+                 matmuls); dq_mode="atomic": the dk/dv programs add ds k into a zeroed float32 dq with atomic adds
+                 (5 matmuls, at the price of float32 atomic traffic of D*4/block_k bytes per score).
 Numerics: bf16 (or f32) in, float32 scores/accumulators, online softmax, exact log-sum-exp (natural log).
 Sequence lengths that are not a multiple of the block are zero-padded; padded keys lie after every real query and
 are removed by causality, padded queries are sliced off (their cotangents are zero, so they add nothing to dk/dv).
@@ -48,10 +51,16 @@ class _Config:
     block_k: int
     block_q_bwd: int
     block_k_bwd: int
+    block_q_dq: int  # tiles of the separate dq kernel (dq_mode="kernel")
+    block_k_dq: int
     num_warps: int | None
     num_warps_bwd: int | None
+    num_warps_dq: int | None
     num_stages: int | None
     num_stages_bwd: int | None
+    num_stages_dq: int | None
+    dq_mode: str  # "kernel": dq in its own kernel; "atomic": dq accumulated by the dk/dv kernel with atomic adds
+    lazy_rescale: bool  # forward: rescale the accumulator only when a row max grows by more than _RESCALE_SLACK
     interpret: bool
 
 
@@ -117,6 +126,29 @@ def _key_block_ranges(q_start, cfg, block_q, block_k):
     return ((0, sink_hi, True), (win_lo, full_lo, True), (full_lo, full_hi, False), (full_hi, win_hi, True))
 
 
+# Lazy rescaling: the running max m only moves when some row's block max exceeds it by more than this many log2
+# units, so most blocks skip the [bq, D] accumulator rescale. Exact: o = acc / l and lse = m + log2(l) hold for any
+# reference m; p = exp2(s - m) stays <= 2**_RESCALE_SLACK, far from float32/bf16 overflow.
+_RESCALE_SLACK = 8.0
+
+
+def _lazy_update(s, v, m, l, acc):
+    """One online-softmax step with a stale reference max. s [bq, bk] log2-unit scores (-inf = masked), v [bk, D]."""
+    row_max = jnp.max(s, axis=1)
+    # Block-uniform decision (one branch for the whole tile); rows still at -inf with a finite score force it.
+    need = jnp.max(jnp.where(row_max > m + _RESCALE_SLACK, 1.0, 0.0)) > 0.0
+
+    def rescale(carry):
+        m, l, acc = carry
+        m_new = jnp.maximum(m, row_max)
+        alpha = jnp.exp2(m - jnp.where(m_new == _NEG_INF, 0.0, m_new))
+        return m_new, l * alpha, acc * alpha[:, None]
+
+    m, l, acc = lax.cond(need, rescale, lambda carry: carry, (m, l, acc))
+    p = jnp.exp2(s - jnp.where(m == _NEG_INF, 0.0, m)[:, None])  # rows still at -inf have only -inf scores: p = 0
+    return m, l + jnp.sum(p, axis=1), acc + _dot(p.astype(v.dtype), v, 1, 0)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
     bq, bk = cfg.block_q, cfg.block_k
     q_start = pl_program_id(2) * bq
@@ -133,6 +165,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
         if masked:
             k_pos = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
             s = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), s, _NEG_INF)
+        if cfg.lazy_rescale:
+            return _lazy_update(s, v, m, l, acc)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
         m_shift = jnp.where(m_new == _NEG_INF, 0.0, m_new)
@@ -177,7 +211,7 @@ def _forward(q, k, v, cfg: _Config):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
-    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    bq, bk = cfg.block_q_dq, cfg.block_k_dq
     q_start = pl_program_id(2) * bq
     q = q_ref[...]
     do = do_ref[...]
@@ -203,9 +237,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Config, group: int,
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config, group: int,
                  num_k_blocks: int, n_split: int, split_len: int):
     # Scores are formed transposed (keys x queries) so dk = ds^T q and dv = p^T do need no register transposes.
+    # dq_mode "atomic": refs = (dq_in, dk, dv, dq) where dq (aliased to the zeroed float32 dq_in) [Tp, Hq, D] receives
+    # ds k for every visited (key block, query block) pair by atomic adds: every visible pair is visited by exactly one
+    # program, so the sums are complete, and the separate dq kernel's recomputation of q k^T and dO v^T is saved.
+    fuse_dq = cfg.dq_mode == "atomic"
+    if fuse_dq:
+        _, dk_ref, dv_ref, dq_ref = refs
+    else:
+        dk_ref, dv_ref = refs
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     num_q_blocks = cfg.padded_len // bq
     hkv = pl_program_id(1)
@@ -245,8 +287,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref
                 q_pos = q_start + lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
                 p_t = jnp.where(_visible(q_pos, k_pos, cfg.window, cfg.sinks), p_t, 0.0)
             dv = dv + _dot(p_t.astype(do.dtype), do, 1, 0)
-            ds_t = p_t * (_dot(v, do, 1, 1) - delta[None, :])
-            dk = dk + _dot(ds_t.astype(q.dtype), q, 1, 0)
+            ds_t = (p_t * (_dot(v, do, 1, 1) - delta[None, :])).astype(q.dtype)
+            dk = dk + _dot(ds_t, q, 1, 0)
+            if fuse_dq:  # unscaled: the wrapper multiplies by the score scale when it casts
+                _atomic_add(dq_ref, (pl_ds(q_start, bq), h, slice(None)), _dot(ds_t, k, 0, 0))
             return dk, dv
 
         for a, b, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
@@ -269,19 +313,21 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     # delta_i = sum_d dO*O - dlse_i: the lse cotangent enters the softmax gradient as a per-row shift.
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
-    row_spec = pl.BlockSpec((None, None, bq), lambda bi, h, i: (bi, h, i))
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, h, i: (bi, i, h, 0))
     kv_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, i: (bi, 0, lax.div(h, group), 0))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        grid=(b, hq, tp // bq),
-        in_specs=[q_spec, kv_full, kv_full, q_spec, row_spec, row_spec],
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg, cfg.num_warps_bwd, cfg.num_stages_bwd),
-        name="swa_attention_dq",
-    )(q, k, v, do, lse, delta)
+    if cfg.dq_mode == "kernel":
+        bqd = cfg.block_q_dq
+        row_spec_dq = pl.BlockSpec((None, None, bqd), lambda bi, h, i: (bi, h, i))
+        q_spec_dq = pl.BlockSpec((None, bqd, None, d), lambda bi, h, i: (bi, i, h, 0))
+        dq = pl.pallas_call(
+            functools.partial(_dq_kernel, cfg=cfg),
+            grid=(b, hq, tp // bqd),
+            in_specs=[q_spec_dq, kv_full, kv_full, q_spec_dq, row_spec_dq, row_spec_dq],
+            out_specs=q_spec_dq,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            interpret=cfg.interpret,
+            compiler_params=_compiler_params(cfg, cfg.num_warps_dq, cfg.num_stages_dq),
+            name="swa_attention_dq",
+        )(q, k, v, do, lse, delta)
 
     num_q_blocks, num_k_blocks = tp // bq, tp // bk
     nsb = _num_sink_blocks(cfg, bk)
@@ -295,17 +341,32 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
     kvh_full = pl.BlockSpec((None, tp, None, d), lambda bi, h, j: (bi, 0, h, 0))
     rows_full = pl.BlockSpec((None, hq, tp), lambda bi, h, j: (bi, 0, 0))
     out_spec = pl.BlockSpec((None, bk, None, d), lambda bi, h, j: (bi, j, h, 0))
-    dk_all, dv_all = pl.pallas_call(
+    in_specs = [qfull, kvh_full, kvh_full, qfull, rows_full, rows_full]
+    out_specs = [out_spec, out_spec]
+    out_shape = [jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)] * 2
+    operands = [q, k, v, do, lse, delta]
+    aliases = {}
+    if cfg.dq_mode == "atomic":
+        in_specs.append(qfull)
+        out_specs.append(qfull)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        operands.append(jnp.zeros(q.shape, jnp.float32))
+        aliases = {len(operands) - 1: 2}
+    outs = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, group=group, num_k_blocks=num_k_blocks, n_split=n_split,
                           split_len=split_len),
         grid=(b, hkv, num_k_blocks + n_extra),
-        in_specs=[qfull, kvh_full, kvh_full, qfull, rows_full, rows_full],
-        out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)] * 2,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=cfg.interpret,
         compiler_params=_compiler_params(cfg, cfg.num_warps_bwd, cfg.num_stages_bwd),
-        name="swa_attention_dkdv",
-    )(q, k, v, do, lse, delta)
+        name="swa_attention_dkdv_dq" if aliases else "swa_attention_dkdv",
+    )(*operands)
+    dk_all, dv_all = outs[0], outs[1]
+    if cfg.dq_mode == "atomic":
+        dq = (outs[2] * cfg.scale).astype(q.dtype)
 
     def fold(x_all):
         x = x_all[:, :tp]
@@ -353,6 +414,13 @@ def pl_ds(start, size):
     return _pallas().ds(start, size)
 
 
+def _atomic_add(ref, idx, value):
+    # Lives in the Triton Pallas module on jax 0.10 and 0.11; interpret mode runs it through its discharge rule.
+    from jax.experimental.pallas import triton as pl_triton  # lazy: pulls the GPU backend
+
+    pl_triton.atomic_add(ref, idx, value)
+
+
 def _default_blocks(d):
     """(block_q, block_k, block_q_bwd, block_k_bwd, warps, warps_bwd, stages, stages_bwd) by head_dim.
 
@@ -371,8 +439,10 @@ def _check_block(name, value):
 
 def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None = None, return_lse: bool = False,
                   block_q: int | None = None, block_k: int | None = None, block_q_bwd: int | None = None,
-                  block_k_bwd: int | None = None, num_warps: int | None = None, num_warps_bwd: int | None = None,
-                  num_stages: int | None = None, num_stages_bwd: int | None = None, interpret: bool | None = None):
+                  block_k_bwd: int | None = None, block_q_dq: int | None = None, block_k_dq: int | None = None,
+                  num_warps: int | None = None, num_warps_bwd: int | None = None, num_warps_dq: int | None = None,
+                  num_stages: int | None = None, num_stages_bwd: int | None = None, num_stages_dq: int | None = None,
+                  dq_mode: str = "kernel", lazy_rescale: bool = False, interpret: bool | None = None):
     """Sliding-window + sink attention: query t sees keys j <= t with t - j < window or j < sinks.
 
     Args:
@@ -382,8 +452,12 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       scale: score scale, default D ** -0.5.
       return_lse: also return the natural-log log-sum-exp of the visible scaled scores, [B, T, Hq] float32
         (differentiable, for merging with another attention part).
-      block_*: tile sizes (powers of two) for the forward and backward kernels; None picks defaults by D, clamped to T.
-      num_warps*, num_stages*: Triton launch settings (GPU only) for the forward / backward kernels; None: defaults.
+      block_*: tile sizes (powers of two) for the forward, dk/dv (`_bwd`) and dq (`_dq`, used with dq_mode="kernel")
+        kernels; None picks defaults by D, clamped to T; the dq tiles default to the dk/dv tiles.
+      num_warps*, num_stages*: Triton launch settings (GPU only) for the forward / dk/dv / dq kernels; None: defaults.
+      dq_mode: "kernel" (dq in its own kernel, which recomputes q k^T and dO v^T: 7 backward matmuls) or "atomic"
+        (the dk/dv kernel also forms ds k and adds it into a float32 dq buffer with atomic adds: 5 matmuls).
+      lazy_rescale: forward only rescales its accumulator when a row max grows by more than 2**8 (exact result).
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
     Only D = 128 ran on a GPU (H100); other head sizes are tested in interpret mode, their GPU tiles untimed.
     Returns:
@@ -410,16 +484,23 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     block_k = block_k or min(dk_, cap)
     block_q_bwd = block_q_bwd or min(dqb, cap)
     block_k_bwd = block_k_bwd or min(dkb, cap)
+    block_q_dq = block_q_dq or block_q_bwd
+    block_k_dq = block_k_dq or block_k_bwd
     for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
-                        ("block_k_bwd", block_k_bwd)):
+                        ("block_k_bwd", block_k_bwd), ("block_q_dq", block_q_dq), ("block_k_dq", block_k_dq)):
         _check_block(name, value)
-    tile = max(block_q, block_k, block_q_bwd, block_k_bwd)
+    if dq_mode not in ("kernel", "atomic"):
+        raise ValueError(f"swa_attention: dq_mode must be 'kernel' or 'atomic', got {dq_mode!r}")
+    tile = max(block_q, block_k, block_q_bwd, block_k_bwd, block_q_dq, block_k_dq)
     tp = -(-t // tile) * tile
     cfg = _Config(window=min(window, tp), sinks=min(sinks, t), scale=float(d ** -0.5 if scale is None else scale),
                   seq_len=t, padded_len=tp, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                  block_k_bwd=block_k_bwd, num_warps=num_warps or warps, num_warps_bwd=num_warps_bwd or warps_bwd,
-                  num_stages=num_stages or stages, num_stages_bwd=num_stages_bwd or stages_bwd,
-                  interpret=bool(interpret))
+                  block_k_bwd=block_k_bwd, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
+                  num_warps=num_warps or warps, num_warps_bwd=num_warps_bwd or warps_bwd,
+                  num_warps_dq=num_warps_dq or num_warps_bwd or warps_bwd, num_stages=num_stages or stages,
+                  num_stages_bwd=num_stages_bwd or stages_bwd,
+                  num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
+                  lazy_rescale=bool(lazy_rescale), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

@@ -3,7 +3,8 @@
 The reference builds its sink+window mask with numpy from the definition (query t sees key j iff j <= t and
 (t - j < window or j < sinks)), independently of both the kernel and ahn_jax.ops.window. Cases cover window 1..T and
 beyond, sinks 0/1/small/block-crossing/256, GQA groups 1/2/8, T not a multiple of the block, distinct forward and
-backward tiles (so the dk/dv sink-tail programs run), the lse output and its gradient, and bf16 inputs.
+backward tiles (so the dk/dv sink-tail programs run), the lse output and its gradient, and bf16 inputs; the faster
+variants (dq_mode="atomic", lazy_rescale, separate dq tiles) are checked the same way.
 """
 
 import numpy as np
@@ -62,13 +63,14 @@ def _assert_close(name, got, want, tol):
 
 
 def _check(seed, *, b=1, t, hq, hkv, d=16, window, sinks, blocks=(16, 16, 16, 16), dtype=jnp.float32, tol=2e-5,
-           with_lse=True):
+           with_lse=True, q_gain=1.0, variant=None):
     q, k, v, w_o, w_lse = _inputs(seed, b, t, hq, hkv, d, dtype)
+    q = (q * q_gain).astype(dtype)  # q_gain > 1 spreads the scores so running row maxes keep growing
     bq, bk, bqb, bkb = blocks
 
     def ours(q, k, v):
         out = swa_attention(q, k, v, window=window, sinks=sinks, return_lse=with_lse, block_q=bq, block_k=bk,
-                            block_q_bwd=bqb, block_k_bwd=bkb, interpret=True)
+                            block_q_bwd=bqb, block_k_bwd=bkb, interpret=True, **(variant or {}))
         return out if with_lse else (out, None)
 
     def ref(q, k, v):
@@ -112,6 +114,45 @@ def test_matches_dense_reference_forward_and_gradients(t, hq, hkv, window, sinks
     _check(t + window + sinks, t=t, hq=hq, hkv=hkv, window=window, sinks=sinks, blocks=blocks)
 
 
+# The faster variants (dq accumulated by atomic adds inside the dk/dv kernel; lazily rescaled forward) on the same
+# cases as the default path: windows 1..beyond T, sinks 0..256, GQA groups 1/2/8, T not a multiple of the block.
+_FAST = dict(dq_mode="atomic", lazy_rescale=True)
+
+
+@pytest.mark.parametrize(
+    "t, hq, hkv, window, sinks, blocks",
+    [
+        (50, 4, 2, 1, 0, (16, 16, 16, 16)),
+        (67, 2, 2, 20, 17, (16, 32, 32, 16)),
+        (40, 8, 1, 40, 4, (16, 16, 16, 16)),
+        (100, 4, 2, 7, 40, (16, 16, 32, 16)),  # sink tail split over extra programs, which add into dq too
+        (300, 2, 1, 33, 256, (32, 32, 32, 32)),
+        (45, 2, 2, 1000, 1, (16, 16, 16, 16)),
+    ],
+)
+def test_atomic_dq_and_lazy_rescale_match_dense_reference(t, hq, hkv, window, sinks, blocks):
+    _check(t + window + sinks, t=t, hq=hq, hkv=hkv, window=window, sinks=sinks, blocks=blocks, variant=_FAST)
+
+
+@pytest.mark.parametrize("window, sinks", [(24, 0), (90, 5)])
+def test_lazy_rescale_with_widely_spread_scores(window, sinks):
+    # Scores spanning tens of log2 units: row maxes grow by more than the 2**8 slack between blocks, so both the
+    # rescaling branch and the skipping branch run; p must stay finite and the result exact.
+    _check(11 + window, t=100, hq=2, hkv=1, window=window, sinks=sinks, q_gain=6.0, tol=1e-4,
+           variant=dict(lazy_rescale=True))
+
+
+def test_separate_dq_kernel_tiles():
+    # dq kernel with tiles unlike the dk/dv kernel's (and an 8-group GQA), T % 32 != 0.
+    _check(5, t=90, hq=8, hkv=1, window=21, sinks=19, blocks=(16, 16, 16, 32),
+           variant=dict(block_q_dq=32, block_k_dq=16))
+
+
+def test_atomic_dq_bfloat16():
+    _check(8, t=80, hq=4, hkv=2, d=32, window=50, sinks=4, dtype=jnp.bfloat16, tol=3e-2, with_lse=False,
+           variant=_FAST)
+
+
 def test_bfloat16_inputs_and_no_lse():
     # bf16 operands: the kernel rounds p and ds to bf16 before its matmuls, so the tolerance is bf16's.
     _check(7, b=2, t=80, hq=4, hkv=2, d=32, window=50, sinks=4, dtype=jnp.bfloat16, tol=3e-2, with_lse=False)
@@ -130,6 +171,8 @@ def test_default_tiles_and_scale():
         (dict(window=0), "window"),
         (dict(window=4, sinks=-1), "sinks"),
         (dict(window=4, block_q=24), "block_q"),
+        (dict(window=4, block_k_dq=48), "block_k_dq"),
+        (dict(window=4, dq_mode="fused"), "dq_mode"),
     ],
 )
 def test_bad_arguments_raise(kwargs, message):
