@@ -1,12 +1,50 @@
-"""Helpers shared by the Pallas kernels: padding, chunking, and the parallel-over-chunks WY preparation of the delta rule.
+"""Helpers shared by the Pallas kernels: padding, chunking, the parallel-over-chunks WY preparation of the delta rule
+(plain XLA, the reference of the WY kernels), and small kernel-body helpers (lazy Pallas import, Triton params, dots).
 
-Imports only jax/numpy (layer rule). Everything here is plain XLA; the sequential part lives in the kernels.
+Imports only jax/numpy (layer rule).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+def pallas_module():
+    """jax.experimental.pallas, imported lazily (importing Pallas is slow)."""
+    from jax.experimental import pallas as pl
+
+    return pl
+
+
+def triton_params(num_warps: int, num_stages: int):
+    """Triton compiler params on GPU (selects the Triton lowering, which Mosaic GPU cannot replace here yet); None
+    elsewhere (interpret mode, TPU)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        from jax.experimental.pallas import triton as plgpu_triton
+    except ImportError:  # pragma: no cover - depends on the installed jax
+        return None
+    return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot(a, b, dtype):
+    """a @ b with operands in the compute dtype and float32 accumulation (2-D operands inside a kernel body)."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def dot_tn(a, b, dtype):
+    """a^T @ b."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def dot_nt(a, b, dtype):
+    """a @ b^T."""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
 def check_rank(name: str, x, rank: int) -> None:
