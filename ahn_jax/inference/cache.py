@@ -1,8 +1,8 @@
 """The fixed-size decode cache (spec/AHN.md §5.3 "JAX design suggestion", spec/ALLMEM.md §5).
 
 Per decoder layer (LayerCache):
-    sink_k, sink_v   [B, S, Hkv, D]   the first S tokens, kept forever (post-RoPE, KV heads not repeated)
-    ring_k, ring_v   [B, R, Hkv, D]   a ring buffer of the most recent tokens; position p >= S lives in slot (p - S) % R
+    sink_k, sink_v   [B, Hkv, S, D]   the first S tokens, kept forever (post-RoPE, KV heads not repeated)
+    ring_k, ring_v   [B, Hkv, R, D]   a ring buffer of the most recent tokens; position p >= S lives in slot (p - S) % R
     gates            pytree of [B, R, ...] float32, or None: what the memory needs when the token in that slot leaves
                      the window, computed by `mem.write_gates` when the token ENTERS (spec/AHN.md §10.1 #17)
     memory           the memory state, one per sequence: every leaf has a leading batch axis B (a scalar leaf of
@@ -11,7 +11,12 @@ Per decoder layer (LayerCache):
 Shared by all layers: ring_pos [B, R] int32 (absolute position held by each slot, -1 = empty) and lengths [B] int32
 (tokens consumed so far = the position of the next token).
 
-The hybrid student has R = window; the teacher (full attention) uses the same structure with S = 0, no memory and
+KV buffers are head-major ([B, Hkv, tokens, D]) so decode attention is a plain batched matmul over (B, Hkv) with no
+transposed copy of the cache. The hybrid student has R = window + 1: a decode step first writes the new token into its
+slot and only then reads the buffers (attention, and the evicted token t - W for the memory, which sits in the slot
+AFTER the new one's), so each step reads only what it wrote and XLA updates every donated buffer in place (a read of
+the old buffer before an in-place write makes XLA copy the whole buffer). The spare slot holds a token that has just
+left the window; the mask (ops/window.py) hides it. The teacher (full attention) uses the same structure with S = 0, no memory and
 R = max_length, so its "ring" is a growing full KV cache (slot = position) in a fixed-size buffer. Every shape depends
 on (batch, S, R, model dims) only, never on how many tokens were consumed: `cache_nbytes` is the same for a 1k and a
 100k context.
@@ -112,8 +117,8 @@ def init_cache(model, batch: int, *, teacher: bool = False, max_length: int | No
                              f"largest number of tokens (prompt + generated) it will hold; got {max_length!r}")
         window, sinks, slots = None, 0, max_length
     else:
-        window, sinks, slots = ahn.window, ahn.sinks, ahn.window
-    kv = lambda n: jnp.zeros((batch, n, c.num_key_value_heads, c.head_dim), dtype)  # noqa: E731
+        window, sinks, slots = ahn.window, ahn.sinks, ahn.window + 1  # + 1: see the module docstring
+    kv = lambda n: jnp.zeros((batch, c.num_key_value_heads, n, c.head_dim), dtype)  # noqa: E731
     layers = []
     for i in range(c.num_hidden_layers):
         mem = memories.get(i)

@@ -2,13 +2,20 @@
 
 Every step (a prefill chunk of Tc tokens, or one decode token) runs each layer as:
     u = input_layernorm(x);  q, k, v = project(u, positions)                       (post-RoPE, the frozen attention)
-    o = cached_attention(q, [sinks | ring | new k], ...)                             (window/sink mask: ops/window.py)
+    attention over the key blocks [sinks, ring] (+ the chunk itself in prefill), one float32 softmax whose mask is
+        ops/window.py's attention_visible on each slot's absolute position (block_attention below)
     memory (AHN, evicted tokens): the query at position t reads the state after absorbing token t - W (if >= S); that
-        token sits in ring slot (t - W - S) % W (or, in a prefill chunk longer than the window, in the chunk itself);
+        token sits in ring slot (t - W - S) % R (or, in a prefill chunk longer than the window, in the chunk itself);
         its k, v and the write gates cached when it entered the window feed the memory
     memory (AllMem, feed "all"): every token is written and read in place (apply-then-update chunks, pending buffer)
-    store the new tokens: position p < S -> sink slot p; else ring slot (p - S) % R (the slot of the evicted token)
+    store the new tokens: position p < S -> sink slot p; else ring slot (p - S) % R
 Before the window is full nothing is evicted and no token is dropped (unlike the reference, spec/AHN.md §10.1 #1-2).
+
+Decode writes first, then reads (cache.py: R = W + 1): the new token goes into its slot of the donated buffers
+(a per-sequence scatter, updated in place), then attention and the memory's read of the evicted token use the written
+buffers. Nothing copies the window: no concatenation of [sinks | ring | new], no repeated KV heads (grouped-query
+attention reshapes q to [B, Hkv, G, D] against K [B, Hkv, R, D]), no select over whole buffers (a sequence that is not
+`active` has its writes dropped instead). Prefill attends before it writes (its chunk is a key block of its own).
 
 Prefill runs the prompt in chunks of `chunk` tokens (default 4096), so peak memory is one chunk's activations plus
 the cache; all sequences of a batch advance in lockstep over their common prefix (min length), then the ragged tails
@@ -29,10 +36,12 @@ from flax import nnx
 from ahn_jax.inference.cache import (
     InferenceCache, LayerCache, batch_state, init_cache, per_sequence_state)
 from ahn_jax.models.hybrid import finish_layer
-from ahn_jax.ops.attention import cached_attention
-from ahn_jax.ops.window import evicted_position, first_memory_query
+from ahn_jax.ops.window import attention_visible, evicted_position, first_memory_query
 
 DEFAULT_PREFILL_CHUNK = 4096
+# Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
+# are zeroed explicitly.
+_MASKED = -1e30
 
 
 def model_parts(model, teacher: bool = False):
@@ -70,6 +79,59 @@ def _store(buf, new, idx):
     return buf.at[rows, idx].set(new.astype(buf.dtype), mode="drop")
 
 
+def _store_kv(buf, new, idx):
+    """Head-major buf [B, Hkv, N, D] <- token-major new [B, Tn, Hkv, D] at token slots idx [B, Tn] (one scatter,
+    in place on a donated buffer); idx == N drops the write."""
+    rows = jnp.arange(buf.shape[0])[:, None]
+    # Advanced indices split by a slice: the indexed view is [B, Tn, Hkv, D], new's own layout.
+    return buf.at[rows, :, idx].set(new.astype(buf.dtype), mode="drop")
+
+
+def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
+    """Attention of new queries over several key blocks of a cache, as one softmax, without concatenating the blocks
+    or repeating KV heads.
+
+    q [B, Tq, Hq, D]; q_pos [B, Tq] int absolute positions; blocks: sequence of (k, v, k_pos, k_valid) with k, v
+    [B, Hkv, N, D] (head-major, Hq % Hkv == 0; N may differ per block), k_pos [B, N] int absolute positions,
+    k_valid [B, N] bool (False for empty slots). window None = full causal. A key is seen when
+    attention_visible(q_pos, k_pos, window, sinks) & k_valid; a query that sees no key gets zeros.
+    Query head h uses KV head h // (Hq / Hkv) (as models.hybrid.repeat_kv). Scores, softmax and the weighted sum
+    accumulate in float32 (the probabilities meet V in V's dtype, as in ops.attention). Returns [B, Tq, Hq, D] in
+    q's dtype.
+    """
+    B, tq, hq, d = q.shape
+    blocks = [b for b in blocks if b[0].shape[2] > 0]
+    if not blocks:
+        raise ValueError("block_attention: no key blocks with at least one slot")
+    hkv = blocks[0][0].shape[1]
+    for k, v, k_pos, k_valid in blocks:
+        n = k.shape[2]
+        if k.shape != (B, hkv, n, d) or v.shape != k.shape or k_pos.shape != (B, n) or k_valid.shape != (B, n) \
+                or hq % hkv:
+            raise ValueError(f"block_attention: need q [B,Tq,Hq,D] = {q.shape}, k = v [B,Hkv,N,D] with Hq % Hkv == 0,"
+                             f" k_pos = k_valid [B,N]; got k {k.shape}, v {v.shape}, k_pos {k_pos.shape}, "
+                             f"k_valid {k_valid.shape}")
+    window = jnp.iinfo(jnp.int32).max if window is None else window
+    scale = jnp.float32(d ** -0.5 if scale is None else scale)
+    qg = q.reshape(B, tq, hkv, hq // hkv, d)
+    scores, masks = [], []
+    for k, _, k_pos, k_valid in blocks:
+        mask = attention_visible(q_pos[:, :, None], k_pos[:, None, :], window, sinks) & k_valid[:, None, :]
+        mask = mask[:, None, None]  # [B, 1, 1, Tq, N]
+        s = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+        scores.append(jnp.where(mask, s, _MASKED))
+        masks.append(mask)
+    # One shared row maximum over all blocks: the blocks are parts of one softmax, no per-block rescaling needed.
+    row_max = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
+    num, den = 0.0, 0.0
+    for s, mask, (_, v, _, _) in zip(scores, masks, blocks):
+        p = jnp.where(mask, jnp.exp(s - row_max), 0.0)
+        den = den + jnp.sum(p, axis=-1, keepdims=True)
+        num = num + jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [B, Hkv, G, Tq, D]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, tq, hq, d).astype(q.dtype)
+
+
 def _slots(cache: InferenceCache, positions):
     """(ring slot, sink slot) of each position [B, Tn]; out-of-range = dropped write."""
     r, s = cache.ring_size, cache.sinks
@@ -90,26 +152,27 @@ def _vmapped_step(mem, q_t, k_t, v_t, gates_t, u_t, state):
     return jax.vmap(one)(q_t, k_t, v_t, gates_t, u_t, state)
 
 
-def _memory_decode(mem, lc, q, k, v, u, positions, window, sinks):
-    """One token per sequence (Tc = 1). Returns (y [B, 1, F], new memory state, gates of the new token or None)."""
+def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks):
+    """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
+    the written buffers (the evicted token t - W is still in its slot: R = W + 1). Reads only the evicted slot.
+    Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
     if _feeds_all(mem):
-        gates = jax.tree.map(lambda a: a[:, 0], mem.write_gates(u))
-        y, state = _vmapped_step(mem, q[:, 0], _repeat_kv(k, hq)[:, 0], _repeat_kv(v, hq)[:, 0], gates, u[:, 0],
-                                 lc.memory)
-        return y[:, None], state, None
-    new_gates = mem.write_gates(u)
+        new_gates = jax.tree.map(lambda a: a[:, 0], mem.write_gates(u))
+        y, state = _vmapped_step(mem, q[:, 0], _repeat_kv(k, hq)[:, 0], _repeat_kv(v, hq)[:, 0], new_gates, u[:, 0],
+                                 state)
+        return y[:, None], state
     evict = pos >= first_memory_query(window, sinks)
-    slot = (evicted_position(pos, window) - sinks) % window  # the slot of the leaving token (also the new token's)
+    slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
     rows = jnp.arange(pos.shape[0])
-    k_old, v_old = lc.ring_k[rows, slot], lc.ring_v[rows, slot]  # [B, Hkv, D]
-    g_old = jax.tree.map(lambda g: g[rows, slot], lc.gates)
-    y, state = _vmapped_step(mem, q[:, 0], _repeat_kv(k_old[:, None], hq)[:, 0],
-                             _repeat_kv(v_old[:, None], hq)[:, 0], g_old, u[:, 0], lc.memory)
-    state = _select(evict, state, lc.memory)
+    k_old, v_old = ring_k[rows, :, slot], ring_v[rows, :, slot]  # [B, Hkv, D]
+    g_old = jax.tree.map(lambda g: g[rows, slot], gates)
+    y, new_state = _vmapped_step(mem, q[:, 0], _repeat_kv(k_old[:, None], hq)[:, 0],
+                                 _repeat_kv(v_old[:, None], hq)[:, 0], g_old, u[:, 0], state)
+    state = _select(evict, new_state, state)
     y = jnp.where(evict[:, None], y, 0)
-    return y[:, None], state, new_gates
+    return y[:, None], state
 
 
 def _memory_prefill(mem, lc, q, k, v, u, p0, first_valid, window, sinks):
@@ -126,14 +189,16 @@ def _memory_prefill(mem, lc, q, k, v, u, p0, first_valid, window, sinks):
     if first_valid >= tc:
         return jnp.zeros((B, tc, mem.out_features), q.dtype), lc.memory, new_gates
     i = jnp.arange(first_valid, tc)
+    r = lc.ring_k.shape[2]
     # Source = [ring | chunk]: a leaving token older than the chunk is in its ring slot, a newer one (only when the
-    # chunk is longer than the window) at chunk index i - W, i.e. concat index i.
-    idx = jnp.where(i < window, (evicted_position(p0 + i, window) - sinks) % window, i)
+    # chunk is longer than the window) at chunk index i - W, i.e. concat index R + i - W.
+    idx = jnp.where(i < window, (evicted_position(p0 + i, window) - sinks) % r, r + i - window)
 
     def source(ring, new):
         return jnp.take(jnp.concatenate([ring, new.astype(ring.dtype)], axis=1), idx, axis=1)
 
-    k_src, v_src = source(lc.ring_k, k), source(lc.ring_v, v)
+    token_major = lambda kv: jnp.swapaxes(kv, 1, 2)  # noqa: E731 - prefill only: [B, Hkv, R, D] -> [B, R, Hkv, D]
+    k_src, v_src = source(token_major(lc.ring_k), k), source(token_major(lc.ring_v), v)
     g_src = jax.tree.map(source, lc.gates, new_gates)
     y, state = mem(q[:, first_valid:], _repeat_kv(k_src, hq), _repeat_kv(v_src, hq), g_src, u[:, first_valid:],
                    initial_state=state0, output_final_state=True)
@@ -141,70 +206,88 @@ def _memory_prefill(mem, lc, q, k, v, u, p0, first_valid, window, sinks):
     return y, per_sequence_state(state, B), new_gates
 
 
-def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring_idx, sink_idx, *, decoding,
-           first_valid):
-    attn = layer.self_attn
-    B, tc = positions.shape
-    u = layer.input_layernorm(x)
-    q, k, v = attn.project(u, positions)
-    s, r = cache.sinks, cache.ring_size
-    k_all = jnp.concatenate([lc.sink_k, lc.ring_k, k.astype(lc.ring_k.dtype)], axis=1)
-    v_all = jnp.concatenate([lc.sink_v, lc.ring_v, v.astype(lc.ring_v.dtype)], axis=1)
-    sink_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (B, s))
-    k_pos = jnp.concatenate([sink_pos, cache.ring_pos, positions], axis=1)
-    k_valid = jnp.concatenate([sink_pos < cache.lengths[:, None], cache.ring_pos >= 0,
-                               jnp.ones((B, tc), bool)], axis=1)
-    o = cached_attention(q, k_all, v_all, positions, k_pos, k_valid, window=cache.window, sinks=s)
-
-    state, new_gates, y = lc.memory, None, None
-    if mem is not None:
-        if decoding:
-            y, state, new_gates = _memory_decode(mem, lc, q, k, v, u, positions, cache.window, s)
-        else:
-            y, state, new_gates = _memory_prefill(mem, lc, q, k, v, u, cache.lengths[0], first_valid,
-                                                  cache.window, s)
-    x = finish_layer(layer, mem, x, o, y)
-
-    # Store the new tokens: only the last min(Tc, R) can still be in the ring (distinct slots, no write collisions),
-    # and only the first min(Tc, S) can be sinks.
-    keep = min(tc, r)
-    ring_k = _store(lc.ring_k, k[:, tc - keep:], ring_idx)
-    ring_v = _store(lc.ring_v, v[:, tc - keep:], ring_idx)
+def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx):
+    """Store the step's tokens (k, v [B, Tc, Hkv, D]; gates leaves [B, Tc, ...]). Only the last min(Tc, R) can still
+    be in the ring (distinct slots, no write collisions) and only the first min(Tc, S) can be sinks; ring_idx
+    [B, min(Tc, R)] and sink_idx [B, min(Tc, S)] come from _slots (out of range = dropped)."""
+    tc, keep, ns = k.shape[1], ring_idx.shape[1], sink_idx.shape[1]
+    ring_k = _store_kv(lc.ring_k, k[:, tc - keep:], ring_idx)
+    ring_v = _store_kv(lc.ring_v, v[:, tc - keep:], ring_idx)
     gates = lc.gates
     if gates is not None:
         gates = jax.tree.map(lambda g, n: _store(g, n[:, tc - keep:], ring_idx), gates, new_gates)
     sink_k, sink_v = lc.sink_k, lc.sink_v
-    if s:
-        ns = min(tc, s)
-        sink_k = _store(sink_k, k[:, :ns], sink_idx)
-        sink_v = _store(sink_v, v[:, :ns], sink_idx)
-    return x, LayerCache(sink_k, sink_v, ring_k, ring_v, gates, state)
+    if ns:
+        sink_k = _store_kv(sink_k, k[:, :ns], sink_idx)
+        sink_v = _store_kv(sink_v, v[:, :ns], sink_idx)
+    return LayerCache(sink_k, sink_v, ring_k, ring_v, gates, lc.memory)
+
+
+def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring_idx, sink_idx, ring_pos, lengths,
+           active, *, decoding, first_valid):
+    """One decoder layer. ring_pos [B, R] / lengths [B]: the slots' positions and token counts the attention sees
+    (decode: after this step's write; prefill: before it)."""
+    attn = layer.self_attn
+    B, tc = positions.shape
+    u = layer.input_layernorm(x)
+    q, k, v = attn.project(u, positions)
+    s = cache.sinks
+    feeds_evicted = mem is not None and not _feeds_all(mem)
+    sink_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (B, s))
+    sink_valid = sink_pos < lengths[:, None]
+    if decoding:  # write first, then read only the written buffers (no copy of any buffer; module docstring)
+        new = _write(lc, k, v, mem.write_gates(u) if feeds_evicted else None, ring_idx, sink_idx)
+        blocks = [(new.sink_k, new.sink_v, sink_pos, sink_valid), (new.ring_k, new.ring_v, ring_pos, ring_pos >= 0)]
+        o = block_attention(q, blocks, positions, window=cache.window, sinks=s)
+        state, y = lc.memory, None
+        if mem is not None:
+            y, state = _memory_decode(mem, new.ring_k, new.ring_v, new.gates, lc.memory, q, k, v, u, positions,
+                                      cache.window, s)
+            if active is not None:  # a sequence that consumed no token keeps its memory state
+                state = _select(active, state, lc.memory)
+        x = finish_layer(layer, mem, x, o, y)
+        return x, new._replace(memory=state)
+
+    heads_major = lambda t: jnp.swapaxes(t, 1, 2).astype(lc.ring_k.dtype)  # noqa: E731 - the chunk as a key block
+    blocks = [(lc.sink_k, lc.sink_v, sink_pos, sink_valid), (lc.ring_k, lc.ring_v, ring_pos, ring_pos >= 0),
+              (heads_major(k), heads_major(v), positions, jnp.ones((B, tc), bool))]
+    o = block_attention(q, blocks, positions, window=cache.window, sinks=s)
+    state, new_gates, y = lc.memory, None, None
+    if mem is not None:
+        y, state, new_gates = _memory_prefill(mem, lc, q, k, v, u, lengths[0], first_valid, cache.window, s)
+    x = finish_layer(layer, mem, x, o, y)
+    new = _write(lc, k, v, new_gates, ring_idx, sink_idx)
+    return x, new._replace(memory=state)
 
 
 def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, first_valid, all_logits):
-    """ids [B, Tc] at positions cache.lengths + i -> (logits [B, Tc or 1, V] float32, new cache)."""
+    """ids [B, Tc] at positions cache.lengths + i -> (logits [B, Tc or 1, V] float32, new cache). active [B] bool or
+    None (decode only): a sequence marked False consumes nothing (its writes are dropped, its state kept)."""
     model = nnx.merge(graphdef, state)
     base, _, memories = model_parts(model, cache.teacher)
     B, tc = ids.shape
+    r = cache.ring_size
     positions = cache.lengths[:, None] + jnp.arange(tc, dtype=jnp.int32)[None]
-    keep = min(tc, cache.ring_size)
+    keep = min(tc, r)
     ring_idx, _ = _slots(cache, positions[:, tc - keep:])
     _, sink_idx = _slots(cache, positions[:, :min(tc, cache.sinks)])
+    consumed = jnp.full((B,), tc, jnp.int32)
+    if active is not None:
+        ring_idx = jnp.where(active[:, None], ring_idx, r)
+        sink_idx = jnp.where(active[:, None], sink_idx, cache.sinks)
+        consumed = jnp.where(active, consumed, 0)
+    ring_pos = _store(cache.ring_pos, positions[:, tc - keep:], ring_idx)
+    lengths = cache.lengths + consumed
+    seen_pos, seen_len = (ring_pos, lengths) if decoding else (cache.ring_pos, cache.lengths)
     x = base.model.embed_tokens(ids)
     layers = []
     for i, layer in enumerate(base.model.layers):
-        x, lc = _layer(layer, memories.get(i), cache.layers[i], cache, x, positions, ring_idx, sink_idx,
-                       decoding=decoding, first_valid=first_valid)
+        x, lc = _layer(layer, memories.get(i), cache.layers[i], cache, x, positions, ring_idx, sink_idx, seen_pos,
+                       seen_len, active, decoding=decoding, first_valid=first_valid)
         layers.append(lc)
     h = base.model.norm(x if all_logits else x[:, -1:])
     logits = base.logits(h)
-    new = cache.replace(layers=tuple(layers), ring_pos=_store(cache.ring_pos, positions[:, tc - keep:], ring_idx),
-                        lengths=cache.lengths + tc)
-    if active is not None:  # ragged prompt tails: sequences already done keep their cache untouched
-        new = new.replace(layers=_select(active, new.layers, cache.layers),
-                          ring_pos=_select(active, new.ring_pos, cache.ring_pos),
-                          lengths=jnp.where(active, new.lengths, cache.lengths))
-    return logits, new
+    return logits, cache.replace(layers=tuple(layers), ring_pos=ring_pos, lengths=lengths)
 
 
 @functools.lru_cache(maxsize=None)
