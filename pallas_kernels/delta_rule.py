@@ -43,6 +43,9 @@ PRECOMPUTE_ATTN = True
 # The backward recomputes W, U with the Pallas WY kernel and differentiates the preparation with the Pallas VJP
 # kernel (pallas_kernels/delta_rule_wy.py); False: XLA recompute + jax.vjp of the triangular solve (the old design).
 PALLAS_WY_BWD = True
+# Value-block width of the backward (state recompute + reverse sweep); None: the forward's. The reverse sweep writes
+# one float32 partial of dq, dk, dw per V block (summed by XLA), so a wider block writes fewer partials.
+BWD_BLOCK_V = None
 
 
 def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
@@ -276,6 +279,7 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
         kp, _ = pad_time(k, chunk)
     qp, _ = pad_time(q, chunk)
     dop, _ = pad_time(do.astype(v.dtype), chunk)
+    block_v = block_v if BWD_BLOCK_V is None else _pick_block_v(v.shape[-1], BWD_BLOCK_V)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
     _, _, states = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v,
                                 interpret=interpret, save_states=True)

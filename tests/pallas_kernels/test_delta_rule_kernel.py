@@ -166,3 +166,23 @@ def test_wy_kernel_matches_xla_wy_factors(chunk, gated, dtype):
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     assert _rel(w, w_ref) < tol, _rel(w, w_ref)
     assert _rel(u, u_ref) < tol, _rel(u, u_ref)
+
+
+@pytest.mark.parametrize("pallas_wy_bwd,bwd_block_v", [(False, None), (True, 32)])
+def test_backward_variants_match_default(monkeypatch, pallas_wy_bwd, bwd_block_v):
+    """The previous backward (XLA recompute + jax.vjp of the preparation) and a backward V block wider than the
+    forward's give the default backward's gradients (the default is checked against the scan above)."""
+    q, k, v, g, beta, h0 = _inputs(9, 1, 19, 1, 16, 32, True)
+    cot = jax.random.normal(jax.random.PRNGKey(99), (1, 19, 1, 32))
+
+    def loss(q, k, v, g, beta, h0):
+        o, ht = kernel.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=8,
+                                        block_v=16, interpret=True)
+        return jnp.sum(o * cot) + jnp.sum(ht)
+
+    want = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, h0)
+    monkeypatch.setattr(kernel, "PALLAS_WY_BWD", pallas_wy_bwd)
+    monkeypatch.setattr(kernel, "BWD_BLOCK_V", bwd_block_v)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))(q, k, v, g, beta, h0)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "h0"), got, want):
+        assert _rel(a, b) < 1e-5, (name, _rel(a, b))
