@@ -1,12 +1,18 @@
 """Benchmark: Pallas chunked (gated) delta rule vs flash-linear-attention 0.6.0 (Triton), one process, one GPU.
 
-  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_delta_rule.py [--quick] [--only fwd]
+  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_delta_rule.py            # GPU, < 8 min on an H100
+  PYTHONPATH=$PWD python3 benchmarks/bench_delta_rule.py --smoke                       # CPU dry run (interpret mode)
 
-Order: (1) smoke: ours vs a token-by-token float32 scan at a small shape (forward, final state and every gradient);
-(2) per shape: agreement of ours and FLA with the float32 scan (relative error of the output) BEFORE timing;
-(3) timings, medians after warm-up (jax: block_until_ready per call; torch: triton.testing.do_bench, median), forward
-and forward+backward (gradients of sum(o * cot) in q, k, v, g, beta). Also ours-XLA (ahn_jax.ops impl="chunk").
-Inputs [B,T,H,D] bf16: q, k L2-normalised, g = logsigmoid(N(0,1)), beta = U(0,1). JSON to $OUT; table printed last.
+Order: (1) smoke: ours vs a token-by-token float32 scan at a small shape (forward, final state, every gradient);
+(2) tune at the first shape (gated): the WY diagonal-block inverse (substitution vs product form; agreement with XLA's
+triangular solve first), the backward's WY preparation alone (XLA recompute + jax.vjp vs the Pallas WY + VJP kernels),
+then old vs new backward end to end (gradients compared first) and the new backward's V block / warps;
+(3) per shape (B1 T32768 H16 D128; B8 T4096; B1 T131072; B1 T32768 D256) x (gated, plain): ours' and FLA's outputs
+against the float32 scan, ours' gradients against FLA's, all BEFORE timing; then forward and forward+backward
+(gradients of sum(o * cot) in q, k, v, g, beta) medians (jax: block_until_ready per call; torch:
+triton.testing.do_bench median). FLA failures (its gated backward refused on Triton 3.6) are recorded, not fatal.
+Inputs [B,T,H,D] bf16: q, k L2-normalised, g = logsigmoid(N(0,1)), beta = U(0,1). Shapes past --budget-s are skipped
+(recorded). JSON to $OUT/bench_delta_rule.json, the table to stdout and $OUT/bench_delta_rule.md.
 """
 
 from __future__ import annotations
@@ -17,16 +23,24 @@ import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# JAX takes 75% of the GPU by default; FLA (torch) runs in the same process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
-from pallas_kernels import delta_rule as pk
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import delta_rule as pk  # noqa: E402
+from pallas_kernels import delta_rule_wy as wy  # noqa: E402
+from pallas_kernels.common import chunk_cumsum, pad_time, wy_factors  # noqa: E402
 
 START = time.time()
+CHUNK = 64
 SHAPES = [("B1 T32768 H16 D128", 1, 32768, 16, 128), ("B8 T4096 H16 D128", 8, 4096, 16, 128),
           ("B1 T131072 H16 D128", 1, 131072, 16, 128), ("B1 T32768 H16 D256", 1, 32768, 16, 256)]
+SMOKE_SHAPES = [("smoke B1 T128 H2 D32", 1, 128, 2, 32), ("smoke B2 T100 H1 D32", 2, 100, 1, 32)]  # tune: T % 64 == 0
 ROWS = []
+GRAD_NAMES = ("q", "k", "v", "g", "beta")
 
 
 def log(*args):
@@ -44,8 +58,12 @@ def save():
         json.dump({"device": str(jax.devices()[0]), "jax": jax.__version__, "rows": ROWS}, f, indent=1)
 
 
+def err(e):
+    return f"{type(e).__name__}: {str(e)[:400]}"
+
+
 def make_inputs(b, t, h, d, seed=0):
-    """Host float32 arrays (shared by jax and torch), then bf16 on device."""
+    """Host float32 arrays (shared by jax and torch)."""
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, t, h, d), dtype=np.float32)
     k = rng.standard_normal((b, t, h, d), dtype=np.float32)
@@ -56,6 +74,11 @@ def make_inputs(b, t, h, d, seed=0):
     beta = rng.uniform(0.0, 1.0, (b, t, h)).astype(np.float32)
     cot = rng.standard_normal((b, t, h, d), dtype=np.float32)
     return dict(q=q, k=k, v=v, g=g, beta=beta, cot=cot)
+
+
+def device_inputs(x, gated, dtype=jnp.bfloat16):
+    q, k, v, beta, cot = (jnp.asarray(x[n], dtype) for n in ("q", "k", "v", "beta", "cot"))
+    return q, k, v, (jnp.asarray(x["g"]) if gated else None), beta, cot
 
 
 def scan_reference(q, k, v, g, beta, scale):
@@ -77,7 +100,7 @@ def scan_reference(q, k, v, g, beta, scale):
 def rel(a, b):
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def time_jax(fn, *args, reps=20):
@@ -91,18 +114,34 @@ def time_jax(fn, *args, reps=20):
     return 1e3 * statistics.median(ts)
 
 
-def smoke():
-    """Small-shape check of the compiled kernel (forward, final state, every gradient) against the scan."""
+def ours_fns(d, gated):
+    """jitted forward and forward+backward (gradients in q, k, v, [g,] beta) of ours; built fresh so that the module
+    knobs set right before are traced in."""
+    def ours(q, k, v, g, beta):
+        return pk.gated_delta_rule(q, k, v, g, beta, scale=d ** -0.5, chunk_size=CHUNK)[0]
+
+    argn = (0, 1, 2, 3, 4) if gated else (0, 1, 2, 4)
+    fb = jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(ours(q, k, v, g, beta).astype(jnp.float32) * cot), argn)
+    return jax.jit(ours), jax.jit(fb)
+
+
+def grad_names(gated):
+    return [n for n in GRAD_NAMES if gated or n != "g"]
+
+
+def smoke(quick):
+    """Small-shape check of the (compiled on GPU) kernel: forward, final state and every gradient vs the scan."""
+    dtypes = (jnp.float32,) if quick else (jnp.float32, jnp.bfloat16)
+    b, t, h, d = (1, 40, 1, 16) if quick else (2, 200, 2, 64)
     for gated in (True, False):
-        for dtype in (jnp.float32, jnp.bfloat16):
-            x = make_inputs(2, 200, 2, 64, seed=1)
-            q, k, v, g, beta, cot = (jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "beta", "cot"))
-            g = g if gated else None
-            scale = 64 ** -0.5
+        for dtype in dtypes:
+            x = make_inputs(b, t, h, d, seed=1)
+            q, k, v, g, beta, cot = device_inputs(x, gated, jnp.float32)
+            scale = d ** -0.5
 
             def loss_ours(q, k, v, g, beta):
                 o, s = pk.gated_delta_rule(q.astype(dtype), k.astype(dtype), v.astype(dtype), g, beta.astype(dtype),
-                                           scale=scale, output_final_state=True)
+                                           scale=scale, output_final_state=True, chunk_size=16 if quick else CHUNK)
                 return jnp.sum(o.astype(jnp.float32) * cot) + jnp.sum(s), (o, s)
 
             def loss_ref(q, k, v, g, beta):
@@ -113,206 +152,260 @@ def smoke():
             (_, (o, s)), gr = jax.jit(jax.value_and_grad(loss_ours, argn, has_aux=True))(q, k, v, g, beta)
             (_, (o_r, s_r)), gr_r = jax.jit(jax.value_and_grad(loss_ref, argn, has_aux=True))(q, k, v, g, beta)
             errs = {"o": rel(o, o_r), "state": rel(s, s_r)}
-            errs.update({f"d{n}": rel(a, b) for n, a, b in zip(["q", "k", "v", "g", "beta"] if gated
-                                                                else ["q", "k", "v", "beta"], gr, gr_r)})
+            errs.update({f"d{n}": rel(a, b_) for n, a, b_ in zip(grad_names(gated), gr, gr_r)})
             log(f"smoke gated={gated} {jnp.dtype(dtype).name}:", {n: f"{e:.1e}" for n, e in errs.items()})
             ROWS.append({"kind": "smoke", "gated": gated, "dtype": jnp.dtype(dtype).name, "rel_err": errs})
 
 
-def sweep():
-    """Where the forward time goes (WY preparation vs the sequential kernel) and the best block_v / warps."""
-    name, b, t, h, d = SHAPES[0]
+def tune_forward(shape, res):
+    """WY diagonal-block inverse: substitution vs product form (agreement with the XLA solve first), kept if faster."""
+    name, b, t, h, d = shape
     x = make_inputs(b, t, h, d)
-    q, k, v, beta = (jnp.asarray(x[n], jnp.bfloat16) for n in ("q", "k", "v", "beta"))
-    g = jnp.asarray(x["g"])
-    prep = jax.jit(lambda k, v, g, beta: pk._prepare(k, v, g, beta, 64))
-    res = {"prep_xla_ms": time_jax(prep, k, v, g, beta)}
-    w, u, gc = prep(k, v, g, beta)
-    # The Pallas WY kernel: agreement with the XLA preparation first, then its time per warps setting.
-    best_wy = None
-    for warps in (1, 2, 4):  # run 1: 8 warps 1.73 ms, 4: 1.03, 2: 0.88
-        pk.WY_WARPS = warps
-        prep_p = jax.jit(lambda k, v, g, beta: pk._prepare(k, v, g, beta, 64, pallas_interpret=False))
-        try:
-            w_p, u_p, _ = prep_p(k, v, g, beta)
-            res[f"wy_w{warps}_rel_err"] = {"w": rel(w_p, w), "u": rel(u_p, u)}
-            ms = time_jax(prep_p, k, v, g, beta)
-        except Exception as e:  # noqa: BLE001
-            log(f"sweep wy warps={warps} failed: {type(e).__name__}: {str(e)[:2000]}")
-            continue
-        res[f"prep_pallas_w{warps}_ms"] = ms
-        prep_a = jax.jit(lambda q, k, v, g, beta: pk._prepare(k, v, g, beta, 64, pallas_interpret=False, q=q))
-        try:
-            res[f"prep_pallas_attn_w{warps}_ms"] = time_jax(prep_a, q, k, v, g, beta)
-        except Exception as e:  # noqa: BLE001
-            log(f"sweep wy+attn warps={warps} failed: {type(e).__name__}: {str(e)[:2000]}")
-        if best_wy is None or ms < best_wy[0]:
-            best_wy = (ms, warps)
-    if best_wy is not None:
-        pk.WY_WARPS = best_wy[1]
-    else:  # keep the rest of the run useful: the forward falls back to the XLA preparation
-        pk.USE_PALLAS_WY = False
-    log("sweep prep", res)
-    h0 = jnp.zeros((b, h, d, d), jnp.float32)
-    attn = None
-    if pk.USE_PALLAS_WY:
-        try:
-            _, attn = pk._prepare(k, v, g, beta, 64, pallas_interpret=False, q=q)
-        except Exception:  # noqa: BLE001 - logged above; the forward then recomputes Q K^T per V block
-            pk.PRECOMPUTE_ATTN = False
+    q, k, v, g, beta, _ = device_inputs(x, True)
+    gc = chunk_cumsum(g, CHUNK)
+    w_ref, u_ref = jax.jit(lambda k, v, beta, gc: wy_factors(k, v, beta, gc, CHUNK))(k, v, beta, gc)
+    interp = jax.default_backend() not in ("gpu", "tpu")
     best = None
-    for bv, warps, pre in [(64, 4, 0), (32, 4, 0), (16, 4, 0), (64, 4, 1), (64, 8, 1), (32, 4, 1), (32, 8, 1),
-                           (16, 4, 1), (16, 8, 1)]:  # run 1: 8 warps slower at every bv without attn
-        if pre and attn is None:
-            continue
-        pk.FWD_WARPS = warps
-        kern = jax.jit(lambda q, k, w, u, gc, h0, a: pk._run_forward(q, k, w, u, gc, h0, chunk=64, scale=d ** -0.5,
-                                                                     block_v=bv, interpret=False,
-                                                                     save_states=False, attn=a)[0])
+    for method in ("substitution", "product"):
+        fn = jax.jit(lambda q, k, v, beta, gc: wy.wy_factors_pallas(k, v, beta, gc, CHUNK, interpret=interp, q=q,
+                                                                     method=method))
         try:
-            ms = time_jax(kern, q, k, w, u, gc, h0, attn if pre else None)
-        except Exception as e:  # noqa: BLE001
-            log(f"sweep bv={bv} warps={warps} attn={pre} failed: {type(e).__name__}: {str(e)[:1000]}")
+            w, u, _ = fn(q, k, v, beta, gc)
+            res[f"wy_{method}_rel_err"] = {"w": rel(w, w_ref), "u": rel(u, u_ref)}
+            res[f"wy_{method}_ms"] = time_jax(fn, q, k, v, beta, gc)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            res[f"wy_{method}_error"] = err(e)
             continue
-        res[f"kernel_bv{bv}_w{warps}_attn{pre}_ms"] = ms
-        if best is None or ms < best[0]:
-            best = (ms, bv, warps, pre)
-    if best is None:
-        log("sweep: no configuration compiled")
+        ok = max(res[f"wy_{method}_rel_err"].values()) < 1e-2
+        if ok and (best is None or res[f"wy_{method}_ms"] < best[0]):
+            best = (res[f"wy_{method}_ms"], method)
+    if best is not None:
+        wy.WY_INVERSE = best[1]
+    res["wy_inverse"] = wy.WY_INVERSE
+    log("tune forward", name, res)
+
+
+def tune_backward(shape, res):
+    """The WY preparation's backward alone (old vs new), then old vs new backward end to end, then the new
+    backward's V block and warps (each setting's gradients checked against the default's first)."""
+    name, b, t, h, d = shape
+    x = make_inputs(b, t, h, d)
+    q, k, v, g, beta, cot = device_inputs(x, True)
+    interp = jax.default_backend() not in ("gpu", "tpu")
+    rng = np.random.default_rng(5)
+    dw = jnp.asarray(rng.standard_normal(k.shape, dtype=np.float32))
+    du = jnp.asarray(rng.standard_normal(v.shape, dtype=np.float32))
+
+    def prep_old(k, v, g, beta, dw, du):
+        (w, u, _), vjp = jax.vjp(lambda k_, v_, g_, b_: pk._prepare(k_, v_, g_, b_, CHUNK), k, v, g, beta)
+        return vjp((dw.astype(k.dtype), du.astype(v.dtype), jnp.zeros((b, h, t), jnp.float32))) + (w, u)
+
+    def prep_new(k, v, g, beta, dw, du):
+        gc, cvjp = jax.vjp(lambda g_: chunk_cumsum(pad_time(g_, CHUNK)[0], CHUNK), g)
+        w, u = wy.wy_factors_pallas(k, v, beta, gc, CHUNK, interpret=interp)  # the recompute, as in the backward
+        dk, dv, dbeta, dgc = wy.wy_factors_vjp_pallas(k, v, beta, gc, dw, du, CHUNK, interpret=interp)
+        return dk, dv, cvjp(dgc)[0], dbeta, w, u  # w, u returned so that the recompute is timed, not eliminated
+
+    if t % CHUNK:
+        raise ValueError(f"tune_backward needs T a multiple of {CHUNK}, got {t}")
+    try:
+        old, new = jax.jit(prep_old), jax.jit(prep_new)
+        a, b_ = old(k, v, g, beta, dw, du)[:4], new(k, v, g, beta, dw, du)[:4]
+        res["prep_bwd_rel_err"] = {n: rel(y, x_) for n, x_, y in zip(("dk", "dv", "dg", "dbeta"), a, b_)}
+        res["prep_bwd_old_ms"] = time_jax(old, k, v, g, beta, dw, du, reps=10)
+        res["prep_bwd_new_ms"] = time_jax(new, k, v, g, beta, dw, du, reps=10)
+    except Exception as e:  # noqa: BLE001
+        res["prep_bwd_error"] = err(e)
+    log("tune prep backward", {n: res[n] for n in res if n.startswith("prep_bwd")})
+
+    grads = {}
+    for label, pallas_bwd in (("new", True), ("old", False)):
+        pk.PALLAS_WY_BWD = pallas_bwd
+        _, fb = ours_fns(d, True)
+        try:
+            grads[label] = fb(q, k, v, g, beta, cot)
+            res[f"fwdbwd_{label}_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
+        except Exception as e:  # noqa: BLE001
+            res[f"fwdbwd_{label}_error"] = err(e)
+    pk.PALLAS_WY_BWD = True
+    if len(grads) == 2:
+        res["old_vs_new_grad_rel_err"] = {n: rel(a, b_) for n, a, b_ in zip(GRAD_NAMES, grads["new"], grads["old"])}
+    log("tune old vs new backward", {n: res[n] for n in res if n.startswith(("fwdbwd_", "old_vs"))})
+    if "new" not in grads:
+        pk.PALLAS_WY_BWD = False
         return
-    pk.DEFAULT_BLOCK_V, pk.FWD_WARPS, pk.PRECOMPUTE_ATTN = best[1], best[2], bool(best[3])
-    res["best"] = {"block_v": best[1], "fwd_warps": best[2], "precompute_attn": bool(best[3]), "kernel_ms": best[0],
-                   "wy_warps": None if best_wy is None else best_wy[1]}
-    log("sweep", name, res)
-    ROWS.append({"kind": "sweep", **res})
-    save()
+    best = (res["fwdbwd_new_ms"], None, pk.BWD_WARPS)
+    for bv in (32, 64):  # 16 (the forward's block) is fwdbwd_new
+        for warps in (4, 8):
+            if d % bv:
+                continue
+            pk.BWD_BLOCK_V, pk.BWD_WARPS = bv, warps
+            _, fb = ours_fns(d, True)
+            key = f"fwdbwd_new_bwdbv{bv}_w{warps}"
+            try:
+                gr = fb(q, k, v, g, beta, cot)
+                res[key + "_grad_rel_err"] = max(rel(a, b_) for a, b_ in zip(gr, grads["new"]))
+                res[key + "_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
+            except Exception as e:  # noqa: BLE001
+                res[key + "_error"] = err(e)
+                continue
+            if res[key + "_grad_rel_err"] < 1e-2 and res[key + "_ms"] < best[0]:
+                best = (res[key + "_ms"], bv, warps)
+    pk.BWD_BLOCK_V, pk.BWD_WARPS = best[1], best[2]
+    res["best_bwd"] = {"bwd_block_v": best[1], "bwd_warps": best[2], "fwdbwd_ms": best[0]}
+    log("tune backward", name, res["best_bwd"])
 
 
-def fla_fns(gated):
-    import torch
+def fla_fn(gated):
     if gated:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
         return lambda q, k, v, g, beta: f(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)[0]
     from fla.ops.delta_rule import chunk_delta_rule as f
-    del torch
     return lambda q, k, v, g, beta: f(q, k, v, beta, scale=q.shape[-1] ** -0.5)[0]
 
 
-def bench_shape(name, b, t, h, d, gated, modes, with_xla):
+def bench_fla(row, x, gated, o_ref, ours_grads):
+    import torch
+    import triton
+
+    tq = {n: torch.from_numpy(x[n]).cuda().to(torch.bfloat16) for n in ("q", "k", "v", "beta", "cot")}
+    tg = torch.from_numpy(x["g"]).cuda() if gated else None
+    f = fla_fn(gated)
+    o_fla = f(tq["q"], tq["k"], tq["v"], tg, tq["beta"])
+    row["fla_rel_err"] = rel(jnp.asarray(o_fla.float().cpu().numpy()), o_ref)
+    row["fla_fwd_ms"] = triton.testing.do_bench(lambda: f(tq["q"], tq["k"], tq["v"], tg, tq["beta"]),
+                                                return_mode="median")
+    leaves = {n: tq[n].clone().requires_grad_(True) for n in ("q", "k", "v", "beta")}
+    if gated:
+        leaves["g"] = tg.clone().requires_grad_(True)
+
+    def fla_fb():
+        o = f(leaves["q"], leaves["k"], leaves["v"], leaves.get("g"), leaves["beta"])
+        o.backward(tq["cot"])
+
+    try:
+        fla_fb()
+        if ours_grads is not None:
+            row["grad_rel_err_ours_vs_fla"] = {
+                n: rel(a, jnp.asarray(leaves[n].grad.float().cpu().numpy()))
+                for n, a in zip(grad_names(gated), ours_grads)}
+        row["fla_fwdbwd_ms"] = triton.testing.do_bench(fla_fb, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - FLA's gated backward refuses on Triton 3.6 / Hopper: FLA's failure
+        row["fla_bwd_error"] = err(e)
+    del tq, tg, leaves
+    torch.cuda.empty_cache()
+
+
+def bench_shape(shape, gated, with_xla):
+    name, b, t, h, d = shape
     x = make_inputs(b, t, h, d)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    q, k, v, beta, cot = bf(x["q"]), bf(x["k"]), bf(x["v"]), bf(x["beta"]), bf(x["cot"])
-    g = jnp.asarray(x["g"]) if gated else None
+    q, k, v, g, beta, cot = device_inputs(x, gated)
     op = "gated_delta_rule" if gated else "delta_rule"
     row = {"kind": "bench", "op": op, "shape": name}
-
-    def ours(q, k, v, g, beta):
-        return pk.gated_delta_rule(q, k, v, g, beta, scale=d ** -0.5)[0]
-
+    fwd, fb = ours_fns(d, gated)
     o_ref = jax.jit(lambda *a: scan_reference(*a, d ** -0.5)[0])(q, k, v, g, beta)
-    fwd = jax.jit(ours)
     row["ours_rel_err"] = rel(fwd(q, k, v, g, beta), o_ref)
-    log(f"{op} {name}: ours rel err {row['ours_rel_err']:.2e}")
-    argn = (0, 1, 2, 3, 4) if gated else (0, 1, 2, 4)
-    fb = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * cot), argn))
-    if "fwd" in modes:
-        row["ours_fwd_ms"] = time_jax(fwd, q, k, v, g, beta)
-    if "bwd" in modes:
-        row["ours_fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, reps=10)
-    log(f"{op} {name}: ours", {n: row[n] for n in row if n.startswith("ours_")})
+    ours_grads = None
+    try:
+        ours_grads = fb(q, k, v, g, beta, cot)
+    except Exception as e:  # noqa: BLE001
+        row["ours_bwd_error"] = err(e)
+    if jax.default_backend() == "gpu":
+        try:
+            bench_fla(row, x, gated, o_ref, ours_grads)
+        except Exception as e:  # noqa: BLE001
+            row["fla_error"] = err(e)
+    else:
+        row["fla_error"] = "skipped: no GPU"
+    log(f"{op} {name} agreement:", {n: row[n] for n in row if "err" in n})
+    row["ours_fwd_ms"] = time_jax(fwd, q, k, v, g, beta)
+    if ours_grads is not None:
+        row["ours_fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
     if with_xla:
         try:
             from ahn_jax.ops import gated_delta as ops_dr
-            if gated:
-                xla = jax.jit(lambda q, k, v, g, beta: ops_dr.gated_delta_rule(q, k, v, g, beta, impl="chunk")[0])
-            else:
-                xla = jax.jit(lambda q, k, v, g, beta: ops_dr.delta_rule(q, k, v, beta, impl="chunk")[0])
+            xla = jax.jit(lambda q, k, v, g, beta: (ops_dr.gated_delta_rule(q, k, v, g, beta, impl="chunk") if gated
+                                                    else ops_dr.delta_rule(q, k, v, beta, impl="chunk"))[0])
             row["xla_rel_err"] = rel(xla(q, k, v, g, beta), o_ref)
             row["xla_fwd_ms"] = time_jax(xla, q, k, v, g, beta, reps=5)
-        except Exception as e:  # noqa: BLE001 - report and go on
-            row["xla_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    try:
-        import torch
-        import triton
-        tq = {n: torch.from_numpy(x[n]).cuda().to(torch.bfloat16) for n in ("q", "k", "v", "beta", "cot")}
-        tg = torch.from_numpy(x["g"]).cuda() if gated else None
-        f = fla_fns(gated)
-        o_fla = f(tq["q"], tq["k"], tq["v"], tg, tq["beta"])
-        row["fla_rel_err"] = rel(jnp.asarray(o_fla.float().cpu().numpy()), o_ref)
-        if "fwd" in modes:
-            row["fla_fwd_ms"] = triton.testing.do_bench(lambda: f(tq["q"], tq["k"], tq["v"], tg, tq["beta"]),
-                                                        return_mode="median")
-        if "bwd" in modes:
-            leaves = [tq[n].clone().requires_grad_(True) for n in ("q", "k", "v", "beta")]
-            tgl = tg.clone().requires_grad_(True) if gated else None
-
-            def fla_fb():
-                o = f(leaves[0], leaves[1], leaves[2], tgl, leaves[3])
-                o.backward(tq["cot"])
-            try:
-                fla_fb()
-                row["fla_fwdbwd_ms"] = triton.testing.do_bench(fla_fb, return_mode="median")
-            except Exception as e:  # noqa: BLE001 - FLA's gated backward may refuse on Triton 3.6 / Hopper
-                row["fla_bwd_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        del tq, tg
-        torch.cuda.empty_cache()
-    except Exception as e:  # noqa: BLE001
-        row["fla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    log(f"{op} {name}:", row)
+        except Exception as e:  # noqa: BLE001
+            row["xla_error"] = err(e)
+    log(f"{op} {name}:", {n: row[n] for n in row if n.endswith("_ms")})
     ROWS.append(row)
     save()
 
 
 def table():
     lines = ["| op | shape | ours fwd ms | FLA fwd ms | fwd ratio | ours fwd+bwd ms | FLA fwd+bwd ms | ratio | "
-             "XLA chunk fwd ms | rel err ours / FLA |", "|" + "---|" * 10]
+             "o rel err ours / FLA (vs f32 scan) | max grad rel err ours vs FLA |", "|" + "---|" * 10]
     fmt = lambda r, n: f"{r[n]:.3f}" if n in r else "-"  # noqa: E731
     for r in ROWS:
         if r["kind"] != "bench":
             continue
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['shape']} | {r['error'][:80]} |" + " |" * 8)
+            continue
         ratio = lambda a, b: f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"  # noqa: E731
+        fla_fb = fmt(r, "fla_fwdbwd_ms") if "fla_bwd_error" not in r else "FLA failed"
+        gerr = r.get("grad_rel_err_ours_vs_fla")
         lines.append(f"| {r['op']} | {r['shape']} | {fmt(r, 'ours_fwd_ms')} | {fmt(r, 'fla_fwd_ms')} | "
-                     f"{ratio('ours_fwd_ms', 'fla_fwd_ms')} | {fmt(r, 'ours_fwdbwd_ms')} | {fmt(r, 'fla_fwdbwd_ms')}"
-                     f" | {ratio('ours_fwdbwd_ms', 'fla_fwdbwd_ms')} | {fmt(r, 'xla_fwd_ms')} | "
-                     f"{r.get('ours_rel_err', float('nan')):.1e} / {r.get('fla_rel_err', float('nan')):.1e} |")
+                     f"{ratio('ours_fwd_ms', 'fla_fwd_ms')} | {fmt(r, 'ours_fwdbwd_ms')} | {fla_fb} | "
+                     f"{ratio('ours_fwdbwd_ms', 'fla_fwdbwd_ms')} | {r.get('ours_rel_err', float('nan')):.1e} / "
+                     f"{r.get('fla_rel_err', float('nan')):.1e} | "
+                     f"{'-' if not gerr else f'{max(gerr.values()):.1e}'} |")
+    tune = [r for r in ROWS if r["kind"] == "tune"]
+    if tune:
+        t = {n: (round(x, 3) if isinstance(x, float) else x) for n, x in tune[0].items()}
+        lines.append("")
+        lines.append(f"Backward at {t['shape']} (gated): old (XLA recompute + jax.vjp) {t.get('fwdbwd_old_ms', '-')} ms"
+                     f" vs new (Pallas WY + VJP kernels) {t.get('fwdbwd_new_ms', '-')} ms fwd+bwd; WY preparation "
+                     f"backward alone {t.get('prep_bwd_old_ms', '-')} -> {t.get('prep_bwd_new_ms', '-')} ms; best "
+                     f"backward setting {t.get('best_bwd')}; WY inverse {t.get('wy_inverse')} "
+                     f"(substitution {t.get('wy_substitution_ms', '-')} ms, product {t.get('wy_product_ms', '-')} ms).")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="smoke test plus the first shape only")
-    ap.add_argument("--no-smoke", action="store_true")
+    ap.add_argument("--smoke", "--tiny", action="store_true", help="tiny shapes: a dry run of the script on CPU")
+    ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--no-xla", action="store_true")
-    ap.add_argument("--full-bwd", action="store_true", help="also fwd+bwd at B8 T4096 and B1 T131072")
-    ap.add_argument("--sweep", action="store_true", help="time prep vs kernel, pick block_v / warps first")
-    ap.add_argument("--gated-only", action="store_true", help="with --quick: skip the plain delta rule")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of the script on CPU")
+    ap.add_argument("--budget-s", type=float, default=400.0, help="skip the shapes not started by then")
     args = ap.parse_args()
-    if args.tiny:
-        SHAPES[:] = [(f"tiny{i}", 1, 100 + 30 * i, 2, 32) for i in range(4)]
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     log("device", jax.devices()[0], "jax", jax.__version__)
-    if not args.no_smoke:
-        smoke()
+    smoke(quick=args.smoke)
+    save()
+    if not args.no_tune:
+        res = {"kind": "tune", "shape": shapes[0][0]}
+        for step in (tune_forward, tune_backward):
+            try:
+                step(shapes[0], res)
+            except Exception as e:  # noqa: BLE001 - keep the rest of the run useful
+                res[f"{step.__name__}_error"] = err(e)
+                log(f"{step.__name__} failed:", err(e))
+        ROWS.append(res)
         save()
-    if args.sweep:
-        sweep()
-    plan = [(SHAPES[0], True, ("fwd", "bwd"))] + ([] if args.gated_only else [(SHAPES[0], False, ("fwd", "bwd"))])
-    if not args.quick:
-        plan += [(SHAPES[1], True, ("fwd",)), (SHAPES[2], True, ("fwd",)), (SHAPES[3], True, ("fwd",))]
-        if args.full_bwd:
-            plan += [(SHAPES[1], True, ("bwd",)), (SHAPES[2], True, ("bwd",))]
-    for i, ((name, b, t, h, d), gated, modes) in enumerate(plan):
+    plan = [(s, gated) for s in (shapes if args.smoke else SHAPES) for gated in (True, False)]
+    for i, (shape, gated) in enumerate(plan):
+        op = "gated_delta_rule" if gated else "delta_rule"
+        if time.time() - START > args.budget_s:
+            ROWS.append({"kind": "bench", "op": op, "shape": shape[0], "error": "skipped: time budget"})
+            continue
         try:
-            bench_shape(name, b, t, h, d, gated, modes, with_xla=not args.no_xla and i == 0)
+            bench_shape(shape, gated, with_xla=not args.no_xla and i == 0)
         except Exception as e:  # noqa: BLE001 - keep the other shapes' numbers
-            log(f"FAILED {name} gated={gated}: {type(e).__name__}: {str(e)[:1500]}")
-            ROWS.append({"kind": "bench", "op": "gated" if gated else "plain", "shape": name,
-                         "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            save()
+            log(f"FAILED {shape[0]} {op}: {err(e)}")
+            ROWS.append({"kind": "bench", "op": op, "shape": shape[0], "error": err(e)})
+    save()
     for r in ROWS:
-        if "error" in r or "fla_error" in r or "fla_bwd_error" in r or "xla_error" in r:
-            log("error:", {n: r[n] for n in r if "error" in n and "rel" not in n})
-    print(table(), flush=True)
+        errs = {n: r[n] for n in r if n.endswith("error") and "rel" not in n}
+        if errs:
+            log("error:", errs)
+    text = table()
+    with open(os.path.join(out_dir(), "bench_delta_rule.md"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":
