@@ -1,11 +1,20 @@
-"""Benchmark: Pallas sliding-window + 128 sinks attention vs cuDNN sliding-window attention (no sinks), on one GPU.
+"""Benchmark: Pallas sliding-window + 128 sinks attention, its variants, vs cuDNN sliding-window attention (no sinks).
 
-  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_swa_attention.py [--sweep] [--quick]
+  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_swa_attention.py [--sweep] [--quick]   # GPU
+  PYTHONPATH=$PWD python3 benchmarks/bench_swa_attention.py --smoke --sweep                          # CPU dry run
 
-Order: (1) agreement: ours vs a dense float32 reference at T=4096 (forward + gradients), ours with sinks=0 vs cuDNN
-at the full size; (2) optional tile sweep at W=4096; (3) timings at T=32768 Hq16 Hkv2 D128 bf16 for W in 1024, 4096,
-8192, forward and forward+backward (jax.vjp with a fixed random cotangent), medians of block_until_ready'd calls after
-warm-up. Writes JSON to $OUT (or the working directory) and prints the table last.
+Variants (keyword arguments of pallas_kernels.swa_attention.swa_attention):
+  v2       defaults: separate dq kernel (7 backward matmuls), eager rescaling in the forward
+  atomic   dq_mode="atomic": dq accumulated inside the dk/dv kernel with float32 atomic adds (5 matmuls)
+  lazy     lazy_rescale=True: the forward rescales its accumulator only when a row max grows by > 2**8
+  atomic+lazy  both
+Order: (1) agreement BEFORE any timing, for every variant: vs a dense float32 reference at T=2048 (W=1024 S=128 and
+W=300 S=1000, forward o and the gradients dq, dk, dv), and with sinks=0 vs cuDNN at the full size; (2) optional sweep at
+W=4096: dq-kernel tiles (v2), dk/dv tiles (atomic: a longer key tile halves the atomic traffic per score), forward
+tiles (lazy); each swept setting is first checked against v2's result at the same inputs; (3) timings at T=32768
+Hq16 Hkv2 D128 bf16 for W in 1024, 4096, 8192: forward (once per forward code path) and forward+backward (jax.vjp with
+a fixed random cotangent), medians of block_until_ready'd calls after warm-up. JSON to $OUT/bench_swa_attention.json,
+the table to stdout and $OUT/bench_swa_attention.md.
 """
 
 from __future__ import annotations
@@ -23,43 +32,76 @@ import numpy as np
 
 from pallas_kernels.swa_attention import swa_attention
 
-B, T, HQ, HKV, D = 1, 32768, 16, 2, 128
-SINKS = 128
-WINDOWS = (1024, 4096, 8192)
 START = time.time()
+VARIANTS = {"v2": {}, "atomic": dict(dq_mode="atomic"), "lazy": dict(lazy_rescale=True),
+            "atomic+lazy": dict(dq_mode="atomic", lazy_rescale=True)}
+# Which forward code path a variant runs: variants sharing one are timed forward once.
+FWD_PATH = {"v2": "eager", "atomic": "eager", "lazy": "lazy", "atomic+lazy": "lazy"}
+
+# Sweeps at W=4096: (variant the tiles apply to, tile keywords).
+SWEEP = [
+    ("v2", {}), ("atomic", {}), ("lazy", {}),  # each family's default tiles, timed in the same sweep
+    ("v2", dict(block_q_dq=128, block_k_dq=64, num_warps_dq=8, num_stages_dq=2)),
+    ("v2", dict(block_q_dq=128, block_k_dq=32, num_warps_dq=8, num_stages_dq=2)),
+    ("v2", dict(block_q_dq=64, block_k_dq=64, num_warps_dq=4, num_stages_dq=3)),
+    ("atomic", dict(block_q_bwd=64, block_k_bwd=128, num_warps_bwd=8, num_stages_bwd=2)),
+    ("atomic", dict(block_q_bwd=32, block_k_bwd=128, num_warps_bwd=8, num_stages_bwd=2)),
+    ("atomic", dict(block_q_bwd=64, block_k_bwd=128, num_warps_bwd=4, num_stages_bwd=2)),
+    ("atomic", dict(block_q_bwd=32, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)),
+    ("lazy", dict(block_q=128, block_k=64, num_warps=8, num_stages=3)),
+    ("lazy", dict(block_q=128, block_k=128, num_warps=8, num_stages=3)),
+    ("lazy", dict(block_q=64, block_k=64, num_warps=4, num_stages=2)),
+]
 
 
 def log(*args):
     print(f"[{time.time() - START:6.1f}s]", *args, flush=True)
 
 
-def inputs(t, seed=0, dtype=jnp.bfloat16):
+class Shape:
+    def __init__(self, smoke):
+        self.smoke = smoke
+        if smoke:  # CPU interpret mode: tiny, the same code paths (sink tail programs included)
+            self.b, self.t, self.hq, self.hkv, self.d = 1, 256, 4, 2, 32
+            self.sinks, self.windows, self.sweep_window, self.t_ref = 8, (16, 64, 128), 64, 128
+            self.ref_cases = ((32, 8), (12, 40))
+            self.reps, self.warmup = 2, 1
+        else:
+            self.b, self.t, self.hq, self.hkv, self.d = 1, 32768, 16, 2, 128
+            self.sinks, self.windows, self.sweep_window, self.t_ref = 128, (1024, 4096, 8192), 4096, 2048
+            self.ref_cases = ((1024, 128), (300, 1000))
+            self.reps, self.warmup = 20, 2
+
+
+def inputs(shape, t, seed=0, dtype=jnp.bfloat16):
     keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (B, t, HQ, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(keys[1], (B, t, HKV, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(keys[2], (B, t, HKV, D), jnp.float32).astype(dtype)
-    do = jax.random.normal(keys[3], (B, t, HQ, D), jnp.float32).astype(dtype)
+    q = jax.random.normal(keys[0], (shape.b, t, shape.hq, shape.d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (shape.b, t, shape.hkv, shape.d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (shape.b, t, shape.hkv, shape.d), jnp.float32).astype(dtype)
+    do = jax.random.normal(keys[3], (shape.b, t, shape.hq, shape.d), jnp.float32).astype(dtype)
     return q, k, v, do
 
 
-def ours(window, sinks, **tiles):
-    return lambda q, k, v: swa_attention(q, k, v, window=window, sinks=sinks, **tiles)
+def ours(window, sinks, **kwargs):
+    return lambda q, k, v: swa_attention(q, k, v, window=window, sinks=sinks, **kwargs)
 
 
-def cudnn(window):
+def anchor(window, smoke):
+    """cuDNN sliding window without sinks (pitfall 8: is_causal with local_window_size=(W-1, 0)); XLA on CPU."""
+    impl = "xla" if smoke else "cudnn"
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0),
-                                                        implementation="cudnn")
+                                                        implementation=impl)
 
 
 def dense_reference(window, sinks):
     def attn(q, k, v):
         dtype = q.dtype  # computed in float32, returned in the input dtype so vjp takes the same cotangent
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-        t = q.shape[1]
-        k, v = jnp.repeat(k, HQ // HKV, axis=2), jnp.repeat(v, HQ // HKV, axis=2)
+        t, group = q.shape[1], q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
         pos_q, pos_k = np.arange(t)[:, None], np.arange(t)[None, :]
         mask = (pos_k <= pos_q) & ((pos_q - pos_k < window) | (pos_k < sinks))
-        s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * D ** -0.5
+        s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
         p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
         return jnp.einsum("bhts,bshd->bthd", p, v, precision="highest").astype(dtype)
     return attn
@@ -71,6 +113,14 @@ def fwd_and_vjp(attn):
     return fwd, both
 
 
+def outputs_and_grads(attn, args):
+    """o, dq, dk, dv from one compiled call."""
+    def f(q, k, v, do):
+        o, pull = jax.vjp(attn, q, k, v)
+        return (o, *pull(do))
+    return jax.jit(f)(*args)
+
+
 def rel_err(got, want):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     if not np.all(np.isfinite(got)):
@@ -78,19 +128,19 @@ def rel_err(got, want):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def agree(name, attn_a, attn_b, args, tol):
-    fa, ba = fwd_and_vjp(attn_a)
-    fb, bb = fwd_and_vjp(attn_b)
-    q, k, v, do = args
-    errs = {"o": rel_err(fa(q, k, v), fb(q, k, v))}
-    for n, x, y in zip(("dq", "dk", "dv"), ba(q, k, v, do), bb(q, k, v, do)):
-        errs[n] = rel_err(x, y)
-    ok = all(e < tol for e in errs.values())
-    log(f"agreement {name}: " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + (" OK" if ok else " FAIL"))
-    return ok, errs
+def errors(got, want):
+    return {n: rel_err(g, w) for n, g, w in zip(("o", "dq", "dk", "dv"), got, want)}
 
 
-def median_ms(fn, args, reps=30, warmup=3):
+def ok(errs, tol=2e-2):
+    return all(e < tol for e in errs.values())  # NaN compares False: a non-finite result fails
+
+
+def fmt(errs):
+    return " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + (" OK" if ok(errs) else " FAIL")
+
+
+def median_ms(fn, args, reps, warmup):
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
@@ -98,114 +148,172 @@ def median_ms(fn, args, reps=30, warmup=3):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (min(times), max(times))
+    return statistics.median(times)
 
 
-def time_pair(attn, args):
-    fwd, both = fwd_and_vjp(attn)
-    q, k, v, do = args
-    f_ms, f_rng = median_ms(fwd, (q, k, v))
-    b_ms, b_rng = median_ms(both, (q, k, v, do))
-    return {"fwd_ms": f_ms, "fwd_range": f_rng, "fwdbwd_ms": b_ms, "fwdbwd_range": b_rng}
+def check_agreement(shape, variants, full_args):
+    """Every variant vs the dense f32 reference (small T) and, with sinks=0, vs the anchor at the full size."""
+    report, all_ok = {}, True
+    small = inputs(shape, shape.t_ref, seed=1)
+    for window, sinks in shape.ref_cases:
+        want = outputs_and_grads(dense_reference(window, sinks), small)
+        for name, kwargs in variants.items():
+            errs = errors(outputs_and_grads(ours(window, sinks, **kwargs), small), want)
+            log(f"agreement {name} W={window} S={sinks} vs dense f32 @T={shape.t_ref}: {fmt(errs)}")
+            report[f"{name}_ref_w{window}_s{sinks}"] = errs
+            all_ok &= ok(errs)
+        del want
+    window = shape.sweep_window
+    want = outputs_and_grads(anchor(window, shape.smoke), full_args)
+    for name, kwargs in variants.items():
+        errs = errors(outputs_and_grads(ours(window, 0, **kwargs), full_args), want)
+        log(f"agreement {name} W={window} S=0 vs anchor @T={shape.t}: {fmt(errs)}")
+        report[f"{name}_anchor_w{window}_s0"] = errs
+        all_ok &= ok(errs)
+    return all_ok, report
 
 
-FWD_SWEEP = [dict(block_q=64, block_k=64, num_warps=4, num_stages=3),
-             dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
-             dict(block_q=128, block_k=128, num_warps=8, num_stages=3),
-             dict(block_q=64, block_k=128, num_warps=4, num_stages=3),
-             dict(block_q=128, block_k=64, num_warps=4, num_stages=3),
-             dict(block_q=64, block_k=64, num_warps=4, num_stages=4)]
-BWD_SWEEP = [dict(block_q_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=3),
-             dict(block_q_bwd=64, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2),
-             dict(block_q_bwd=32, block_k_bwd=128, num_warps_bwd=4, num_stages_bwd=3),
-             dict(block_q_bwd=128, block_k_bwd=32, num_warps_bwd=8, num_stages_bwd=2),
-             dict(block_q_bwd=64, block_k_bwd=32, num_warps_bwd=4, num_stages_bwd=3),
-             dict(block_q_bwd=32, block_k_bwd=64, num_warps_bwd=4, num_stages_bwd=2)]
-
-
-def sweep(args, budget_s):
-    """Time tile choices at W=4096; returns the best forward and backward settings found within the budget."""
-    q, k, v, do = args
-    results, best_f, best_b = [], (float("inf"), {}), (float("inf"), {})
-    for tiles in FWD_SWEEP:
+def sweep(shape, args, budget_s):
+    """Tile settings at the sweep window; returns {variant: best extra kwargs} and the raw results."""
+    w, s = shape.sweep_window, shape.sinks
+    baseline = outputs_and_grads(ours(w, s), args)
+    results, best = [], {}
+    for variant, tiles in SWEEP:
         if time.time() - START > budget_s:
+            log(f"sweep: budget {budget_s:.0f}s spent, skipping the rest")
             break
+        kwargs = {**VARIANTS[variant], **tiles}
         try:
-            ms, _ = median_ms(jax.jit(ours(4096, SINKS, **tiles)), (q, k, v), reps=10)
-        except Exception as e:  # a tile that does not compile (shared memory) is skipped, and said so
-            log(f"sweep fwd {tiles}: failed: {type(e).__name__}: {str(e)[:200]}")
+            errs = errors(outputs_and_grads(ours(w, s, **kwargs), args), baseline)
+            if not ok(errs):
+                log(f"sweep {variant} {tiles}: disagrees with v2: {fmt(errs)}; skipped")
+                continue
+            fwd, both = fwd_and_vjp(ours(w, s, **kwargs))
+            row = {"variant": variant, "tiles": tiles, "errs_vs_v2": errs,
+                   "fwd_ms": median_ms(fwd, args[:3], 10, shape.warmup),
+                   "fwdbwd_ms": median_ms(both, args, 10, shape.warmup)}
+        except Exception as e:  # a tile that does not compile (shared memory, registers) is skipped, and said so
+            log(f"sweep {variant} {tiles}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        log(f"sweep fwd {tiles}: {ms:.3f} ms")
-        results.append({"tiles": tiles, "fwd_ms": ms})
-        best_f = min(best_f, (ms, tiles), key=lambda x: x[0])
-    for tiles in BWD_SWEEP:
-        if time.time() - START > budget_s:
-            break
-        full = {**best_f[1], **tiles}
-        try:
-            _, both = fwd_and_vjp(ours(4096, SINKS, **full))
-            ms, _ = median_ms(both, (q, k, v, do), reps=10)
-        except Exception as e:
-            log(f"sweep bwd {tiles}: failed: {type(e).__name__}: {str(e)[:200]}")
+        log(f"sweep {variant} {tiles or 'default tiles'}: fwd {row['fwd_ms']:.3f} ms, "
+            f"fwd+bwd {row['fwdbwd_ms']:.3f} ms")
+        results.append(row)
+        key = "fwd_ms" if variant == "lazy" else "fwdbwd_ms"  # forward tiles only change the forward
+        if variant not in best or row[key] < best[variant][0]:
+            best[variant] = (row[key], tiles)
+    # Only tiles that beat their family's default tiles (timed above, same run) are adopted.
+    return {variant: tiles for variant, (_, tiles) in best.items() if tiles}, results
+
+
+TIMING_BUDGET_S = 450  # the lead's GPU call is limited to 8 minutes: windows past this are skipped (W=4096 first)
+
+
+def time_variants(shape, variants, args):
+    rows = []
+    order = sorted(shape.windows, key=lambda w: w != shape.sweep_window)  # the sweep window first, then the others
+    for w in order:
+        if rows and time.time() - START > TIMING_BUDGET_S:
+            log(f"W={w}: skipped, {TIMING_BUDGET_S}s budget spent")
             continue
-        log(f"sweep fwd+bwd {full}: {ms:.3f} ms")
-        results.append({"tiles": full, "fwdbwd_ms": ms})
-        best_b = min(best_b, (ms, tiles), key=lambda x: x[0])
-    return {**best_f[1], **best_b[1]}, results
+        row = {"window": w}
+        fwd_done = {}
+        for name, kwargs in variants.items():
+            fwd, both = fwd_and_vjp(ours(w, shape.sinks, **kwargs))
+            path = FWD_PATH[name]
+            if path not in fwd_done:
+                fwd_done[path] = median_ms(fwd, args[:3], shape.reps, shape.warmup)
+            row[name] = {"fwd_ms": fwd_done[path], "fwdbwd_ms": median_ms(both, args, shape.reps, shape.warmup)}
+        fwd, both = fwd_and_vjp(anchor(w, shape.smoke))
+        row["anchor"] = {"fwd_ms": median_ms(fwd, args[:3], shape.reps, shape.warmup),
+                         "fwdbwd_ms": median_ms(both, args, shape.reps, shape.warmup)}
+        log(f"W={w}: " + ", ".join(f"{n} {r['fwd_ms']:.3f}/{r['fwdbwd_ms']:.3f}" for n, r in row.items()
+                                    if isinstance(r, dict)))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["window"])
+
+
+def table(shape, rows, variants, device, tiles):
+    anchor_name = "XLA (smoke)" if shape.smoke else "cuDNN"
+    lines = [f"B{shape.b} T{shape.t} Hq{shape.hq} Hkv{shape.hkv} D{shape.d} bf16, ours with {shape.sinks} sinks, "
+             f"{anchor_name} without; {device}, jax {jax.__version__}; swept tiles {tiles or 'none'}", ""]
+    names = list(variants)
+    head = ["W"] + [f"{n} fwd" for n in names] + [f"{anchor_name} fwd"] + [f"{n} fwd+bwd" for n in names] + \
+        [f"{anchor_name} fwd+bwd"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a = r["anchor"]
+        cells = [str(r["window"])]
+        cells += [f"{r[n]['fwd_ms']:.3f} ({r[n]['fwd_ms'] / a['fwd_ms']:.2f}x)" for n in names]
+        cells += [f"{a['fwd_ms']:.3f}"]
+        cells += [f"{r[n]['fwdbwd_ms']:.3f} ({r[n]['fwdbwd_ms'] / a['fwdbwd_ms']:.2f}x)" for n in names]
+        cells += [f"{a['fwdbwd_ms']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    # The best variant by the sum over windows of fwd+bwd time (forward alone for the forward path).
+    best_fb = min(names, key=lambda n: sum(r[n]["fwdbwd_ms"] for r in rows))
+    best_f = min(names, key=lambda n: sum(r[n]["fwd_ms"] for r in rows))
+    lines += ["", f"best fwd+bwd: {best_fb} {variants[best_fb]}; best fwd: {best_f} {variants[best_f]}"]
+    return "\n".join(lines), {"best_fwdbwd": best_fb, "best_fwd": best_f}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sweep", action="store_true", help="time a few tile choices at W=4096 first")
-    parser.add_argument("--quick", action="store_true", help="W=4096 only")
-    parser.add_argument("--sweep-budget-s", type=float, default=170.0)
+    parser.add_argument("--sweep", action="store_true", help="time a few tile choices per variant at W=4096 first")
+    parser.add_argument("--quick", action="store_true", help="time W=4096 only")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpret mode: a dry run")
+    parser.add_argument("--sweep-budget-s", type=float, default=200.0, help="wall time (from start) to stop sweeping")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     opts = parser.parse_args()
+    shape = Shape(opts.smoke)
+    if opts.quick:
+        shape.windows = (shape.sweep_window,)
+    names = [n for n in opts.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    variants = {n: dict(VARIANTS[n]) for n in names}
     dev = jax.devices()[0]
     log(f"jax {jax.__version__}, device {dev.device_kind}, backend {jax.default_backend()}")
-    report = {"device": dev.device_kind, "jax": jax.__version__, "shape": dict(B=B, T=T, Hq=HQ, Hkv=HKV, D=D),
-              "sinks": SINKS}
+    report = {"device": dev.device_kind, "jax": jax.__version__, "smoke": shape.smoke, "sinks": shape.sinks,
+              "shape": dict(B=shape.b, T=shape.t, Hq=shape.hq, Hkv=shape.hkv, D=shape.d), "variants": variants}
 
-    small = inputs(4096, seed=1)
-    ok1, e1 = agree("ours(W=1024,S=128) vs dense f32 @T=4096", ours(1024, SINKS), dense_reference(1024, SINKS),
-                    small, 2e-2)
-    ok2, e2 = agree("ours(W=300,S=1000) vs dense f32 @T=4096", ours(300, 1000), dense_reference(300, 1000),
-                    small, 2e-2)
-    del small
-    args = inputs(T)
-    ok3, e3 = agree("ours(W=4096,S=0) vs cuDNN @T=32768", ours(4096, 0), cudnn(4096), args, 2e-2)
-    report["agreement"] = {"ref_w1024_s128": e1, "ref_w300_s1000": e2, "cudnn_w4096_s0": e3}
-    if not (ok1 and ok2 and ok3):
+    args = inputs(shape, shape.t)
+    good, report["agreement"] = check_agreement(shape, variants, args)
+    if not good:
         log("agreement failed: not timing")
-        write(report)
+        write(report, None)
         sys.exit(1)
 
-    tiles = {}
+    chosen = {}
     if opts.sweep:
-        tiles, report["sweep"] = sweep(args, opts.sweep_budget_s)
-        log(f"chosen tiles {tiles}")
-    report["tiles"] = tiles
+        chosen, report["sweep"] = sweep(shape, args, opts.sweep_budget_s)
+        log(f"chosen tiles {chosen}")
+        # v2 stays the old baseline. Swept tiles go to the new variants sharing the swept kernel (dk/dv tiles: dq_mode
+        # atomic; forward tiles: lazy forward); better dq-kernel tiles become a variant of their own.
+        for name, kwargs in variants.items():
+            if kwargs.get("dq_mode") == "atomic" and "atomic" in chosen:
+                kwargs.update(chosen["atomic"])
+            if kwargs.get("lazy_rescale") and "lazy" in chosen:
+                kwargs.update(chosen["lazy"])
+        if "v2" in chosen and "v2" in variants:
+            variants["v2+dq_tiles"] = dict(chosen["v2"])
+            FWD_PATH["v2+dq_tiles"] = "eager"
+    report["tiles"] = chosen
+    report["timed_variants"] = variants
+    report["rows"] = time_variants(shape, variants, args)
+    text, best = table(shape, report["rows"], variants, dev.device_kind, chosen)
+    report.update(best)
+    write(report, text)
+    print("\n" + text)
 
-    rows = []
-    for w in ((4096,) if opts.quick else WINDOWS):
-        row = {"window": w, "ours": time_pair(ours(w, SINKS, **tiles), args), "cudnn": time_pair(cudnn(w), args)}
-        log(f"W={w}: {row}")
-        rows.append(row)
-    report["rows"] = rows
-    write(report)
-    print(f"\nB{B} T{T} Hq{HQ} Hkv{HKV} D{D} bf16, ours with {SINKS} sinks, cuDNN without; {dev.device_kind}, "
-          f"jax {jax.__version__}; tiles {tiles or 'default'}")
-    print("| W | ours fwd ms | cuDNN fwd ms | ratio | ours fwd+bwd ms | cuDNN fwd+bwd ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        o, c = r["ours"], r["cudnn"]
-        print(f"| {r['window']} | {o['fwd_ms']:.3f} | {c['fwd_ms']:.3f} | {o['fwd_ms'] / c['fwd_ms']:.2f}x | "
-              f"{o['fwdbwd_ms']:.3f} | {c['fwdbwd_ms']:.3f} | {o['fwdbwd_ms'] / c['fwdbwd_ms']:.2f}x |")
 
-
-def write(report):
+def write(report, text):
     out = os.environ.get("OUT", ".")
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench_swa_attention.json"), "w") as f:
         json.dump(report, f, indent=1)
+    if text:
+        with open(os.path.join(out, "bench_swa_attention.md"), "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
