@@ -291,11 +291,20 @@ def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, f
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(backend: str):
-    # Donating the cache lets XLA update the ring in place; the CPU backend cannot use donations (and warns).
-    donate = () if backend == "cpu" else (2,)
-    return jax.jit(_forward, static_argnums=(0,), static_argnames=("decoding", "first_valid", "all_logits"),
-                   donate_argnums=donate)
+def _jitted(graphdef, state_treedef, backend: str):
+    """The jitted step for one model graph, taking the parameters as a flat list of arrays.
+
+    Why not jit(_forward) with a static graphdef and the nnx.State: every call would hash the GraphDef and flatten
+    the State in Python, several ms per token for a 36-layer model (measured on CPU), more than the whole step's
+    device time at batch 1. Here both are done once per Decoder; jit's C++ path flattens the list."""
+    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits):
+        return _forward(graphdef, jax.tree.unflatten(state_treedef, leaves), cache, ids, active, decoding=decoding,
+                        first_valid=first_valid, all_logits=all_logits)
+
+    # Donating the cache lets XLA update the ring in place; the CPU backend is left without donations so callers may
+    # keep using a cache they passed in (tests compare caches).
+    donate = () if backend == "cpu" else (1,)
+    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits"), donate_argnums=donate)
 
 
 class Decoder:
@@ -308,7 +317,8 @@ class Decoder:
         self.base, self.ahn, self.memories = model_parts(model, teacher)
         self.model, self.teacher = model, teacher or self.ahn is None
         self.graphdef, self.state = nnx.split(model)
-        self._fn = _jitted(jax.default_backend())
+        self._leaves, treedef = jax.tree.flatten(self.state)
+        self._fn = _jitted(self.graphdef, treedef, jax.default_backend())
 
     def chunk_size(self, chunk):
         chunk = DEFAULT_PREFILL_CHUNK if chunk is None else chunk
@@ -325,7 +335,7 @@ class Decoder:
         return init_cache(self.model, batch, teacher=self.teacher, max_length=max_length)
 
     def _call(self, cache, ids, active=None, *, decoding, first_valid=0, all_logits=False):
-        return self._fn(self.graphdef, self.state, cache, ids, active, decoding=decoding, first_valid=first_valid,
+        return self._fn(self._leaves, cache, ids, active, decoding=decoding, first_valid=first_valid,
                         all_logits=all_logits)
 
     def prefill(self, input_ids, lengths=None, *, chunk=None, max_length=None, return_all_logits=False):
@@ -371,6 +381,13 @@ class Decoder:
         mask = jnp.arange(full.shape[1])[None, :] < jnp.asarray(lengths)[:, None]
         full = jnp.where(mask[..., None], full, 0)
         return last, jnp.pad(full, ((0, 0), (0, T - full.shape[1]), (0, 0))), cache
+
+    def step(self, token_ids, cache: InferenceCache):
+        """decode without input checks, host synchronisation or eager ops around the jitted step (a serving loop's
+        and the benchmark's hot path): token_ids [B, 1] int32 device array -> (logits [B, 1, V] float32, cache).
+        The caller makes sure a teacher cache has room (decode checks it by reading lengths back, which waits for
+        the previous step to finish)."""
+        return self._call(cache, token_ids, decoding=True)
 
     def decode(self, token_ids, cache: InferenceCache, *, active=None):
         """token_ids [B] or [B, 1] int -> (logits [B, V] float32, cache). active [B] bool (optional): sequences
