@@ -38,16 +38,26 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
         logp = {k: jax.nn.log_softmax(v, -1) for k, v in outs.items()}
         preds = {k: jnp.argmax(v, -1) for k, v in outs.items()}
         kls = {k: _kl_rows(logp["teacher"], logp[k]) for k in ("window_only", "memory")}
-        return preds, kls
+        # p_next[:, t] = probability given to the actual next token ids[:, t + 1] (last position: 0)
+        nxt = jnp.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
+        p_next = {k: jnp.exp(jnp.take_along_axis(v, nxt[..., None], -1)[..., 0]).at[:, -1].set(0.0)
+                  for k, v in logp.items()}
+        return preds, kls, p_next
 
     hits = {v: {"beyond": [], "within": []} for v in VARIANTS}
+    # Why accuracy and KL can disagree: a memory that only makes the student less sure on answer slots lowers the
+    # answer KL a lot (the window-only model is confidently wrong there) without raising p(correct).
+    p_correct = {v: {"beyond": [], "within": []} for v in VARIANTS}
+    answer_kl = {v: {"beyond": [], "within": []} for v in ("window_only", "memory")}
     kl_sum = {"window_only": 0.0, "memory": 0.0}
     kl_n = 0
     for i in range(0, len(documents), batch):
         docs = documents[i:i + batch]
         ids = np.stack([d["input_ids"] for d in docs]).astype(np.int32)
-        preds, kls = run(state, jnp.asarray(ids))
+        preds, kls, p_next = run(state, jnp.asarray(ids))
         preds = {k: np.asarray(v) for k, v in preds.items()}
+        p_next = {k: np.asarray(v) for k, v in p_next.items()}
+        kls_np = {k: np.asarray(v) for k, v in kls.items()}
         first = window + sinks
         for k in kl_sum:
             kl_sum[k] += float(np.asarray(kls[k])[:, first:].sum())
@@ -60,8 +70,12 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
             beyond = np.asarray(evidence_beyond_window(ans, ev, window, sinks))
             for v in VARIANTS:
                 correct = preds[v][b, ans - 1] == ids[b, ans]
-                hits[v]["beyond"].extend(correct[beyond].tolist())
-                hits[v]["within"].extend(correct[~beyond].tolist())
+                p = p_next[v][b, ans - 1]
+                for where, sel in (("beyond", beyond), ("within", ~beyond)):
+                    hits[v][where].extend(correct[sel].tolist())
+                    p_correct[v][where].extend(p[sel].tolist())
+                    if v in answer_kl:
+                        answer_kl[v][where].extend(kls_np[v][b, ans - 1][sel].tolist())
 
     def mean(xs):
         return float(np.mean(xs)) if xs else float("nan")
@@ -71,6 +85,8 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
         "within_window_accuracy": {v: mean(hits[v]["within"]) for v in VARIANTS},
         "answers": {"beyond": len(hits["teacher"]["beyond"]), "within": len(hits["teacher"]["within"])},
         "heldout_kl": {k: kl_sum[k] / max(kl_n, 1) for k in kl_sum},
+        "p_correct": {v: {w: mean(p_correct[v][w]) for w in ("beyond", "within")} for v in VARIANTS},
+        "answer_kl": {v: {w: mean(answer_kl[v][w]) for w in ("beyond", "within")} for v in answer_kl},
         "window": window, "sinks": sinks,
     }
 
@@ -84,12 +100,18 @@ def gap_closed(report) -> float:
 
 def format_table(report) -> str:
     acc, within, kl = report["beyond_window_accuracy"], report["within_window_accuracy"], report["heldout_kl"]
+    pc, akl = report.get("p_correct"), report.get("answer_kl")
     lines = [f"window {report['window']} + sinks {report['sinks']}; answers beyond the window: "
              f"{report['answers']['beyond']}, within: {report['answers']['within']}",
-             f"{'variant':<14}{'beyond-window acc':>18}{'within-window acc':>18}{'held-out KL':>14}"]
+             f"{'variant':<14}{'beyond-window acc':>18}{'within-window acc':>18}{'held-out KL':>14}"
+             + ("" if pc is None else f"{'p(ans) beyond':>15}{'ans KL beyond':>15}")]
     for v in VARIANTS:
         k = f"{kl[v]:.4f}" if v in kl else "-"
-        lines.append(f"{v:<14}{acc[v]:>18.3f}{within[v]:>18.3f}{k:>14}")
+        extra = ""
+        if pc is not None:
+            a = f"{akl[v]['beyond']:.3f}" if v in akl else "-"
+            extra = f"{pc[v]['beyond']:>15.3f}{a:>15}"
+        lines.append(f"{v:<14}{acc[v]:>18.3f}{within[v]:>18.3f}{k:>14}{extra}")
     lines.append(f"gap closed by the memory: {gap_closed(report):.2f}")
     return "\n".join(lines)
 

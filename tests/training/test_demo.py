@@ -322,3 +322,47 @@ def test_demo_sweep_smoke_writes_json_and_table(tmp_path):
         assert v["steps"] == 5 and v["wall_s"] > 0
     assert out["variants"][0]["retention100_init"]  # the GDN variant reports its decay
     assert "mem>W" in res.stdout
+
+
+def test_recall_report_matches_a_per_answer_reference():
+    """evaluate_recall (the demo's report) against a plain per-answer loop over the three models' logits:
+    accuracy, p(correct answer) and answer KL, beyond and within the window; the memory's o_proj is randomised so
+    that the memory variant differs from window-only."""
+    from ahn_jax.data import synthetic
+    from ahn_jax.training import demo_report, loop
+
+    cfg = tiny_gdn.get_config("gdn")
+    model = loop.build_model(cfg)
+    key = jax.random.key(7)
+    for i, mem in enumerate(model.memories):
+        mem.o_proj[...] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), mem.o_proj[...].shape)
+    W, S = 32, 2  # 11 beyond-window and 10 within-window answers in these 3 documents
+    docs = [synthetic.generate_document(11, i, split="heldout", length=96,
+                                        config=synthetic.TaskConfig(**dict(cfg.data.tasks))) for i in range(3)]
+    rep = demo_report.evaluate_recall(model, docs, W, S, batch=2)
+    ids = jnp.asarray(np.stack([d["input_ids"] for d in docs]))
+    logp = {"teacher": jax.nn.log_softmax(model(ids, teacher=True), -1),
+            "window_only": jax.nn.log_softmax(model(ids, window=W, sinks=S, use_memory=False), -1),
+            "memory": jax.nn.log_softmax(model(ids, window=W, sinks=S), -1)}
+    logp = {k: np.asarray(v, np.float64) for k, v in logp.items()}
+    ref = {v: {"beyond": [], "within": []} for v in logp}
+    for b, d in enumerate(docs):
+        beyond = synthetic.evidence_beyond_window(d["answer_positions"], d["evidence_positions"], W, S)
+        for a, far in zip(d["answer_positions"], beyond):
+            where = "beyond" if far else "within"
+            tgt = d["input_ids"][a]
+            for v, lp in logp.items():
+                kl = float(np.sum(np.exp(logp["teacher"][b, a - 1]) * (logp["teacher"][b, a - 1] - lp[b, a - 1])))
+                ref[v][where].append((lp[b, a - 1].argmax() == tgt, np.exp(lp[b, a - 1, tgt]), kl))
+    assert rep["answers"] == {w: len(ref["teacher"][w]) for w in ("beyond", "within")}
+    assert min(rep["answers"].values()) > 0
+    for v in logp:
+        for w in ("beyond", "within"):
+            r = np.asarray(ref[v][w], np.float64).mean(0)
+            key_acc = "beyond_window_accuracy" if w == "beyond" else "within_window_accuracy"
+            np.testing.assert_allclose(rep[key_acc][v], r[0], atol=1e-9)
+            np.testing.assert_allclose(rep["p_correct"][v][w], r[1], rtol=1e-4, atol=1e-6)
+            if v != "teacher":
+                np.testing.assert_allclose(rep["answer_kl"][v][w], r[2], rtol=1e-3, atol=1e-5)
+    assert rep["p_correct"]["memory"] != rep["p_correct"]["window_only"]
+    assert "p(ans) beyond" in demo_report.format_table(dict(rep, gap_closed=0.0))
