@@ -217,6 +217,78 @@ def run_variant(name, memory, overrides, knobs, *, smoke, root, memory_impl="chu
     }
 
 
+def memory_ceiling(documents=12, heads=None):
+    """What a linear memory reading the frozen attention's keys could retrieve at best (no training involved).
+
+    For every beyond-window answer of the shipped teacher, at the second layer's heads, with the teacher's own
+    post-RoPE q/k/v (full-attention hidden states) and the tokens the memory holds (ops/window.memory_holds):
+    the readout of (a) softmax attention over the held tokens (what the teacher does), (b) a delta rule (beta 0.5 or
+    1) over all held tokens, (c) a delta rule that writes only the documents' evidence tokens (an oracle write gate),
+    (d) plain linear attention. Score: is the readout nearer (cosine) to the evidence token's value than to every
+    other held value? Returns {readout: {"nearest": fraction, "cos": mean cosine to the evidence value}}."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configs import tiny_gdn
+
+    from ahn_jax.data import synthetic
+    from ahn_jax.models.attention import default_positions
+    from ahn_jax.models.loading import load_pretrained
+    from ahn_jax.ops.window import memory_holds
+
+    cfg = tiny_gdn.get_config("gdn")
+    W, S = int(cfg.window.fixed_window), int(cfg.window.fixed_sinks)
+    task = synthetic.TaskConfig(**dict(cfg.data.tasks))
+    docs = [synthetic.generate_document(cfg.demo.seed, i, split="heldout", length=cfg.demo.length, config=task)
+            for i in range(documents)]
+    model = load_pretrained(cfg.model.path, dtype="float32")
+    ids = jnp.asarray(np.stack([d["input_ids"] for d in docs]))
+    positions = default_positions(*ids.shape)
+    x = model.model.embed_tokens(ids)
+    last = len(model.model.layers) - 1
+    for layer in model.model.layers[:last]:
+        x = layer(x, positions)
+    top = model.model.layers[last]
+    q, k, v = (np.asarray(t, np.float64) for t in top.self_attn.project(top.input_layernorm(x), positions))
+    dh = q.shape[-1]
+    heads = range(q.shape[2]) if heads is None else heads
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    def delta_rule(keys, vals, beta):  # plain sequential delta rule, unit keys: M <- M + beta k (v - k M)
+        state = np.zeros((dh, vals.shape[-1]))
+        for kk, vv in zip(keys, vals):
+            state = state + beta * np.outer(kk, vv - kk @ state)
+        return state
+
+    scores = {n: [] for n in ("softmax", "delta_b0.5", "delta_b1", "delta_evidence_only", "linear")}
+    for b, d in enumerate(docs):
+        ans, ev = d["answer_positions"], d["evidence_positions"]
+        evidence_set = set(int(e) for e in ev)
+        for a, e, far in zip(ans, ev, synthetic.evidence_beyond_window(ans, ev, W, S)):
+            if not far:
+                continue
+            t = int(a) - 1
+            held = np.nonzero(np.asarray(memory_holds(t, np.arange(t + 1), W, S)))[0]
+            for h in heads:
+                kh, vh, qh = k[b, held, h % k.shape[2]], v[b, held, h % v.shape[2]], q[b, t, h]
+                target, others = vh[held == e][0], vh[held != e]
+                logits = kh @ qh / np.sqrt(dh)
+                p = np.exp(logits - logits.max())
+                facts = np.array([int(j) in evidence_set for j in held])
+                readouts = {"softmax": (p / p.sum()) @ vh, "linear": (unit(kh) @ unit(qh)) @ vh,
+                            "delta_b0.5": delta_rule(unit(kh), vh, 0.5).T @ unit(qh),
+                            "delta_b1": delta_rule(unit(kh), vh, 1.0).T @ unit(qh),
+                            "delta_evidence_only": delta_rule(unit(kh[facts]), vh[facts], 1.0).T @ unit(qh)}
+                for n, o in readouts.items():
+                    c = o @ target / (np.linalg.norm(o) * np.linalg.norm(target) + 1e-12)
+                    c_other = others @ o / (np.linalg.norm(others, axis=-1) * np.linalg.norm(o) + 1e-12)
+                    scores[n].append((c, float(c > c_other.max())))
+    return {n: {"nearest": float(np.mean([s[1] for s in r])), "cos": float(np.mean([s[0] for s in r])),
+                "n": len(r)} for n, r in scores.items()}
+
+
 def format_row(r):
     rep = r["report"]
     acc, within, kl = rep["beyond_window_accuracy"], rep["within_window_accuracy"], rep["heldout_kl"]
@@ -243,7 +315,21 @@ def main():
     p.add_argument("--memory-impl", default="chunk",
                    help="ahn.impl of every variant; default the pure-JAX chunked ops, the CPU demo's numerics "
                         "(the GPU Pallas kernels are not validated at the tiny head_dim 16)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="only the no-training retrieval ceiling of linear memories (memory_ceiling) -> "
+                        "$OUT/demo_memory_ceiling.json")
+    p.add_argument("--heads", default="", help="with --ceiling: comma-separated heads of the last layer (all)")
     args = p.parse_args()
+    if args.ceiling:
+        heads = [int(h) for h in args.heads.split(",") if h.strip()] or None
+        res = memory_ceiling(heads=heads)
+        out_dir = os.environ.get("OUT", ".")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "demo_memory_ceiling.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        for n, r in res.items():
+            print(f"{n:<22} evidence value nearest: {r['nearest']:.3f}   cos to it: {r['cos']:.3f}   (n={r['n']})")
+        return
     by_name = {v[0]: v for v in VARIANTS}
     names = SMOKE if args.smoke else [v[0] for v in VARIANTS]
     if args.only:
