@@ -5,19 +5,30 @@ weights, a gated_deltanet memory with non-zero output projection. For each conte
   - the cache is FILLED WITH RANDOM KV / gates / memory state standing for a context of that length (running a real
     prefill at every length and batch would take far longer and gives the same decode cost: the cache shapes and the
     work per token do not depend on the values), then `--steps` decode steps are timed after 2 warm-up steps;
-  - hybrid: sinks S + ring of W tokens (default S=128, W=32640: the paper's 32k setting); full: a KV buffer of
-    context + steps tokens. Configurations whose full cache cannot fit are reported as skipped (estimated bytes).
+  - hybrid: sinks S + ring of W + 1 tokens (default S=128 and W=32640, the paper's 32k setting, then W=8192); full:
+    a KV buffer of context + timed steps tokens, the same copy-free decode step (ahn_jax.inference.decode). Rows whose
+    cache estimate exceeds 85% of device memory are reported as skipped with the estimate (full KV at 128k x 32:
+    ~154 GB). Timings: median of --repeats loops of --steps pipelined steps (Decoder.step: no host sync per token).
+  - floor: (weights + cache bytes) / --bandwidth-tbs, what a step must at least read.
 Peak memory of ONE real 128k-token prefill (batch 1, chunked) is measured with the device's memory stats, for the
 hybrid and (unless --skip-full-prefill) the full-attention model.
 
-Usage (GPU): python benchmarks/bench_decode.py [--contexts 8192,32768,131072] [--batches 1,32] [--window 32640]
-             [--sinks 128] [--steps 20] [--prefill-length 131072] [--prefill-chunk 2048]
-Writes $OUT/bench_decode.json (or ./bench_decode.json) and prints a table last.
+--profile: at the hybrid (first window, largest context, --profile-batch) a jax.profiler trace of 5 steps copied flat
+to $OUT/decode_profile_*.xplane.pb, the step time split into attention-only (every layer's sink + ring blocks) and
+the rest, and the number of ring-sized copies in the compiled donated step (0 = in place; on CPU, bf16 buffers are
+updated through float32 and show up as copies, so only the GPU count means anything).
+
+Usage (GPU): python benchmarks/bench_decode.py [--contexts 8192,32768,131072] [--batches 1,32] [--windows 32640,8192]
+             [--sinks 128] [--steps 20] [--repeats 3] [--prefill-length 131072] [--prefill-chunk 2048] [--profile]
+CPU check: python benchmarks/bench_decode.py --smoke --profile
+Writes $OUT/bench_decode.json (or ./bench_decode.json; rewritten after every row, so a cut-off run keeps its rows)
+and prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -32,17 +43,28 @@ QWEN25_3B = {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11
              "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True}
 
 
-def build_model(window, sinks, layers=None):
+SMOKE_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 16, "num_key_value_heads": 2,
+              "head_dim": 8, "vocab_size": 512}
+
+
+def build_base(layers=None, smoke=False):
     from flax import nnx
 
     from ahn_jax.models.config import QwenConfig
+    from ahn_jax.models.qwen import QwenForCausalLM
+
+    cfg = dict(QWEN25_3B, num_hidden_layers=layers or QWEN25_3B["num_hidden_layers"], **(SMOKE_DIMS if smoke else {}))
+    return QwenForCausalLM(QwenConfig.from_hf(cfg), dtype="bfloat16", rngs=nnx.Rngs(0))
+
+
+def build_hybrid(base, window, sinks):
+    """The hybrid around `base` (its weight arrays are shared, not copied: one set of weights on the device)."""
+    from flax import nnx
+
     from ahn_jax.models.hybrid import HybridQwenForCausalLM
     from ahn_jax.models.hybrid_config import AHNConfig
     from ahn_jax.models.memory.base import MemoryParam
-    from ahn_jax.models.qwen import QwenForCausalLM
 
-    cfg = dict(QWEN25_3B, num_hidden_layers=layers or QWEN25_3B["num_hidden_layers"])
-    base = QwenForCausalLM(QwenConfig.from_hf(cfg), dtype="bfloat16", rngs=nnx.Rngs(0))
     model = HybridQwenForCausalLM(base, AHNConfig(memory="gated_deltanet", window=window, sinks=sinks),
                                   rngs=nnx.Rngs(1))
     leaves, treedef = jax.tree.flatten(nnx.state(model, MemoryParam))
@@ -52,30 +74,35 @@ def build_model(window, sinks, layers=None):
     return model
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_leaf(key, shape, dtype):
+    """One cache leaf of random values (compiled once per shape and dtype, not once per leaf)."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return (0.1 * jax.random.uniform(key, shape, jnp.float32)).astype(dtype)
+    return jnp.zeros(shape, dtype)
+
+
 def random_cache(dec, batch, context, steps, key):
-    """A cache as if `context` tokens had been consumed, with random contents (see the module docstring)."""
+    """A cache as if `context` tokens had been consumed, with random contents (see the module docstring). Built one
+    leaf at a time from the cache's shapes, so the peak is the cache plus one leaf (an all-zeros cache filled
+    afterwards would hold it twice: at batch 32 that does not fit)."""
     from ahn_jax.inference.cache import InferenceCache
 
     max_length = context + steps if dec.teacher else None
-    cache: InferenceCache = dec.init_cache(batch, max_length)
-    leaves, treedef = jax.tree.flatten(cache.layers)
-    keys = jax.random.split(key, len(leaves))
-    filled = []
-    for x, k in zip(leaves, keys):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            filled.append((0.1 * jax.random.uniform(k, x.shape, jnp.float32)).astype(x.dtype))
-        else:
-            filled.append(x)
-    slots = jnp.arange(cache.ring_size)
+    shapes: InferenceCache = jax.eval_shape(lambda: dec.init_cache(batch, max_length))
+    leaves, treedef = jax.tree.flatten(shapes.layers)
+    filled = [_random_leaf(k, sd.shape, jnp.dtype(sd.dtype))
+              for sd, k in zip(leaves, jax.random.split(key, len(leaves)))]
+    r, s = shapes.ring_size, shapes.sinks
+    slots = jnp.arange(r)
     if dec.teacher:
         ring_pos = jnp.where(slots < context, slots, -1)
-    else:
-        w, s = cache.window, cache.sinks
-        start = context - w
-        ring_pos = start + (slots + s - start) % w
-    ring_pos = jnp.broadcast_to(ring_pos.astype(jnp.int32), (batch, cache.ring_size))
-    return cache.replace(layers=jax.tree.unflatten(treedef, filled), ring_pos=ring_pos,
-                         lengths=jnp.full((batch,), context, jnp.int32))
+    else:  # the latest position p < context with (p - S) % R == slot (-1 if none is >= S)
+        ring_pos = (context - 1) - ((context - 1 - s - slots) % r)
+        ring_pos = jnp.where(ring_pos >= s, ring_pos, -1)
+    ring_pos = jnp.broadcast_to(ring_pos.astype(jnp.int32), (batch, r))
+    return shapes.replace(layers=jax.tree.unflatten(treedef, filled), ring_pos=ring_pos,
+                          lengths=jnp.full((batch,), context, jnp.int32))
 
 
 def cache_bytes_estimate(dec, batch, context, steps):
@@ -84,16 +111,21 @@ def cache_bytes_estimate(dec, batch, context, steps):
     return cache_nbytes(jax.eval_shape(lambda: dec.init_cache(batch, context + steps if dec.teacher else None)))
 
 
-def time_decode(dec, cache, steps):
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1000, size=(cache.batch,)), jnp.int32)
-    for _ in range(2):  # compile + warm-up
-        logits, cache = dec.decode(tokens, cache)
+def time_decode(dec, cache, steps, repeats):
+    """Median over `repeats` loops of `steps` pipelined decode steps (Decoder.step: no host sync inside the loop),
+    after 2 warm-up steps (the first compiles). -> (seconds per step, cache)."""
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, size=(cache.batch, 1)), jnp.int32)
+    for _ in range(2):
+        logits, cache = dec.step(tokens, cache)
     logits.block_until_ready()
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits, cache = dec.decode(tokens, cache)
-    logits.block_until_ready()
-    return (time.perf_counter() - start) / steps
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = dec.step(tokens, cache)
+        logits.block_until_ready()
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times)), cache
 
 
 def peak_bytes():
@@ -102,7 +134,7 @@ def peak_bytes():
 
 
 def measure_prefill(dec, length, chunk):
-    ids = np.random.default_rng(1).integers(0, 1000, size=(1, length)).astype(np.int32)
+    ids = np.random.default_rng(1).integers(0, 500, size=(1, length)).astype(np.int32)
     before = peak_bytes()
     start = time.perf_counter()
     logits, cache = dec.prefill(ids, chunk=chunk, max_length=length + 1 if dec.teacher else None)
@@ -114,36 +146,120 @@ def measure_prefill(dec, length, chunk):
     return out
 
 
+def attention_only_seconds(dec, cache, steps):
+    """Device time of the decode attention alone (every layer's sink + ring blocks, random queries): the part of a
+    step that reads the KV cache. Same block_attention call as the decode step."""
+    from ahn_jax.inference.decode import block_attention
+
+    c = dec.base.config
+    q = jax.random.normal(jax.random.key(5), (cache.batch, 1, c.num_attention_heads, c.head_dim), jnp.bfloat16)
+    q_pos = cache.lengths[:, None] - 1
+    sink_pos = jnp.broadcast_to(jnp.arange(cache.sinks, dtype=jnp.int32), (cache.batch, cache.sinks))
+
+    @jax.jit
+    def attend_all(q, layers, ring_pos, lengths):
+        outs = [block_attention(q, [(lc.sink_k, lc.sink_v, sink_pos, sink_pos < lengths[:, None]),
+                                    (lc.ring_k, lc.ring_v, ring_pos, ring_pos >= 0)], q_pos, window=cache.window,
+                                sinks=cache.sinks) for lc in layers]
+        return sum(o.astype(jnp.float32).sum() for o in outs)
+
+    kv = [lc._replace(gates=None, memory=None) for lc in cache.layers]
+    attend_all(q, kv, cache.ring_pos, cache.lengths).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = attend_all(q, kv, cache.ring_pos, cache.lengths)
+    out.block_until_ready()
+    return (time.perf_counter() - start) / steps
+
+
+def ring_copies(dec, cache):
+    """Copies of a ring-shaped buffer in the compiled, donated decode step (0 = every cache buffer updated in place)."""
+    from ahn_jax.inference import decode as decode_module
+
+    fn = jax.jit(decode_module._forward, static_argnums=(0,),
+                 static_argnames=("decoding", "first_valid", "all_logits"), donate_argnums=(2,))
+    ids = jnp.zeros((cache.batch, 1), jnp.int32)
+    text = fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0,
+                    all_logits=False).compile().as_text()
+    ring = ",".join(map(str, cache.layers[0].ring_k.shape))
+    return sum(1 for line in text.splitlines()
+               if ("copy(" in line or "copy-start(" in line) and f"[{ring}]" in line.split("=", 1)[-1][:60])
+
+
+def profile_decode(dec, cache, out_dir, tag):
+    """A jax.profiler trace of 5 decode steps, copied flat into out_dir as decode_profile_<tag>*.xplane.pb (open with
+    xprof / TensorBoard's profile plugin)."""
+    import glob
+    import shutil
+    import tempfile
+
+    tokens = jnp.zeros((cache.batch, 1), jnp.int32)
+    logits, cache = dec.step(tokens, cache)
+    logits.block_until_ready()
+    written = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(5):
+                logits, cache = dec.step(tokens, cache)
+            logits.block_until_ready()
+        for i, f in enumerate(sorted(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True))):
+            dst = os.path.join(out_dir, f"decode_profile_{tag}{'' if i == 0 else f'_{i}'}.xplane.pb")
+            shutil.copyfile(f, dst)
+            written.append(dst)
+    return written, cache
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="8192,32768,131072")
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--window", type=int, default=32640)
+    p.add_argument("--windows", default="32640,8192", help="hybrid windows (each with --sinks sinks)")
     p.add_argument("--sinks", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick smoke run")
+    p.add_argument("--repeats", type=int, default=3, help="timed loops of --steps steps; the median is reported")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
     p.add_argument("--prefill-length", type=int, default=131072, help="0 = skip the prefill measurement")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--skip-full-prefill", action="store_true")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="skip a configuration whose cache estimate exceeds this (default: 85%% of device memory)")
+    p.add_argument("--profile", action="store_true",
+                   help="at the hybrid (first window, largest context, --profile-batch): a trace of 5 steps in $OUT, "
+                        "the attention-only time and the count of ring copies in the compiled step")
+    p.add_argument("--profile-batch", type=int, default=1)
+    p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="for the bandwidth floor column (H100 SXM)")
+    p.add_argument("--smoke", action="store_true", help="tiny dims, 2 layers, short contexts: checks the script on CPU")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.contexts, args.batches, args.windows, args.sinks = "96,160", "1,2", "48,16", 4
+        args.layers, args.prefill_length, args.prefill_chunk, args.steps, args.repeats = 2, 200, 64, 3, 2
 
+    from ahn_jax.inference.cache import cache_nbytes
     from ahn_jax.inference.decode import Decoder
 
+    out_dir = os.environ.get("OUT", ".")
+    os.makedirs(out_dir, exist_ok=True)
     device = jax.devices()[0]
     limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else \
         0.85 * (device.memory_stats() or {}).get("bytes_limit", 80 * 2 ** 30)
-    model = build_model(args.window, args.sinks, args.layers)
-    hybrid, full = Decoder(model), Decoder(model, teacher=True)
-    weights = (device.memory_stats() or {}).get("bytes_in_use")
-    result = {"device": str(device), "jax": jax.__version__, "shapes": "Qwen2.5-3B", "layers": args.layers or 36,
-              "window": args.window, "sinks": args.sinks, "steps": args.steps, "weights_bytes_in_use": weights,
-              "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": []}
+    windows = [int(w) for w in args.windows.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    base = build_base(args.layers, args.smoke)
+    weight_bytes = cache_nbytes(nnx_state(base))
+    result = {"device": str(device), "jax": jax.__version__, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+              "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
+              "repeats": args.repeats, "weights_bytes": weight_bytes,
+              "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],
+              "profile": {}}
+    full = Decoder(base)
+    start_all = time.perf_counter()
 
     if args.prefill_length:
+        hybrid = Decoder(build_hybrid(base, windows[0], args.sinks))
         result["prefill"]["hybrid"] = measure_prefill(hybrid, args.prefill_length, args.prefill_chunk)
         print("prefill hybrid", result["prefill"]["hybrid"], flush=True)
+        del hybrid
         if not args.skip_full_prefill:
             try:
                 result["prefill"]["full"] = measure_prefill(full, args.prefill_length, args.prefill_chunk)
@@ -151,42 +267,87 @@ def main(argv=None):
                 result["prefill"]["full"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print("prefill full", result["prefill"]["full"], flush=True)
 
-    key = jax.random.key(0)
-    for context in [int(c) for c in args.contexts.split(",")]:
-        for batch in [int(b) for b in args.batches.split(",")]:
-            for name, dec in (("hybrid", hybrid), ("full", full)):
-                row = {"kind": name, "context": context, "batch": batch,
-                       "cache_bytes": cache_bytes_estimate(dec, batch, context, args.steps + 2)}
-                if row["cache_bytes"] > limit:
-                    row["skipped"] = f"cache {row['cache_bytes'] / 2 ** 30:.1f} GiB > limit {limit / 2 ** 30:.1f} GiB"
-                else:
-                    try:
-                        cache = random_cache(dec, batch, context, args.steps + 2, key)
-                        sec = time_decode(dec, cache, args.steps)
-                        del cache
-                        row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
-                    except Exception as e:  # noqa: BLE001 - an OOM is a result here
-                        row["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
-                print(row, flush=True)
-                result["decode"].append(row)
+    def run_row(name, dec, window, context, batch):
+        row = {"kind": name, "window": window, "context": context, "batch": batch,
+               "cache_bytes": cache_bytes_estimate(dec, batch, context, args.steps * args.repeats + 2)}
+        # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
+        row["floor_ms"] = 1e3 * (weight_bytes + row["cache_bytes"]) / (args.bandwidth_tbs * 1e12)
+        if row["cache_bytes"] > limit:
+            row["skipped"] = f"cache {row['cache_bytes'] / 2 ** 30:.1f} GiB > limit {limit / 2 ** 30:.1f} GiB"
+        else:
+            try:
+                cache = random_cache(dec, batch, context, args.steps * args.repeats + 2, jax.random.key(context))
+                sec, cache = time_decode(dec, cache, args.steps, args.repeats)
+                row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
+                del cache
+            except Exception as e:  # noqa: BLE001 - an OOM is a result here
+                row["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, f"[{time.perf_counter() - start_all:.0f} s]", flush=True)
+        result["decode"].append(row)
+        save()
 
-    out_dir = os.environ.get("OUT", ".")
-    with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    def save():
+        with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
+            json.dump(result, f, indent=2)
+
+    for context in contexts:
+        for batch in batches:
+            run_row("full", full, None, context, batch)
+    for window in windows:
+        hybrid = Decoder(build_hybrid(base, window, args.sinks))
+        for context in contexts:
+            for batch in batches:
+                run_row("hybrid", hybrid, window, context, batch)
+        if args.profile and window == windows[0]:
+            cache = random_cache(hybrid, args.profile_batch, max(contexts), 8, jax.random.key(9))
+            files, cache = profile_decode(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}")
+            step_s, cache = time_decode(hybrid, cache, args.steps, 1)
+            attn_s = attention_only_seconds(hybrid, cache, args.steps)
+            result["profile"] = {"window": window, "context": max(contexts), "batch": args.profile_batch,
+                                 "trace_files": files, "step_ms": 1e3 * step_s, "attention_only_ms": 1e3 * attn_s,
+                                 "rest_ms (weights, memory, writes)": 1e3 * (step_s - attn_s),
+                                 "ring_copies_in_compiled_step": ring_copies(hybrid, cache)}
+            del cache
+            print("profile", result["profile"], flush=True)
+        del hybrid
+
+    save()
+    print_table(result, args, device)
+    return 0
+
+
+def nnx_state(module):
+    from flax import nnx
+
+    return nnx.state(module)
+
+
+def print_table(result, args, device):
     gib = 2 ** 30
-    print(f"\n{device} | Qwen2.5-3B shapes, {result['layers']} layers, bf16 random weights | hybrid S={args.sinks} "
-          f"W={args.window} gated_deltanet | decode caches filled with random values")
-    print(f"{'kind':8} {'context':>8} {'batch':>5} {'cache GiB':>10} {'ms/step':>9} {'tok/s':>9}")
+    print(f"\n{device} | {result['shapes']} shapes, {result['layers']} layers, bf16 random weights "
+          f"({result['weights_bytes'] / gib:.2f} GiB) | hybrid S={args.sinks} gated_deltanet | decode caches filled "
+          f"with random values | floor = (weights + cache) / {args.bandwidth_tbs} TB/s")
+    print(f"{'kind':8} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
+          f"{'tok/s':>9} {'x full':>7}")
+    full = {(r["context"], r["batch"]): r.get("tokens_per_s") for r in result["decode"] if r["kind"] == "full"}
     for r in result["decode"]:
-        tail = f"{r['ms_per_step']:9.2f} {r['tokens_per_s']:9.1f}" if "tokens_per_s" in r else f"  skipped: {r['skipped'][:60]}"
-        print(f"{r['kind']:8} {r['context']:8d} {r['batch']:5d} {r['cache_bytes'] / gib:10.2f} {tail}")
+        if "tokens_per_s" in r:
+            ref = full.get((r["context"], r["batch"]))
+            ratio = f"{r['tokens_per_s'] / ref:7.2f}" if r["kind"] == "hybrid" and ref else f"{'-':>7}"
+            tail = f"{r['ms_per_step']:9.2f} {r['tokens_per_s']:9.1f} {ratio}"
+        else:
+            tail = f"  skipped: {r['skipped'][:70]}"
+        print(f"{r['kind']:8} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
+              f"{r['cache_bytes'] / gib:10.2f} {r['floor_ms']:9.2f} {tail}")
     for name, r in result["prefill"].items():
         if "peak_bytes" in r and r["peak_bytes"] is not None:
             print(f"prefill {name}: {r['length']} tokens, chunk {r['chunk']}: peak {r['peak_bytes'] / gib:.2f} GiB "
-                  f"(weights {(weights or 0) / gib:.2f} GiB), {r['seconds_incl_compile']:.1f} s incl. compile")
+                  f"(weights {result['weights_bytes'] / gib:.2f} GiB), {r['seconds_incl_compile']:.1f} s incl. "
+                  "compile")
         else:
             print(f"prefill {name}: {r}")
-    return 0
+    if result["profile"]:
+        print("profile:", json.dumps(result["profile"], indent=1))
 
 
 if __name__ == "__main__":
