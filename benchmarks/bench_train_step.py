@@ -8,7 +8,11 @@ MFU counts 6N FLOPs per token (teacher fwd 2N + student fwd 2N + activation bwd 
 parameters, against the H100's 989 TFLOP/s dense bf16 datasheet peak (and the ~790 TFLOP/s measured matmul ceiling).
 
     PYTHONPATH=$PWD python3 benchmarks/bench_train_step.py [--seq 24576] [--layers 36] [--window 4096 --sinks 128]
-Prints a table last and writes JSON to $OUT (if set).
+        [--batch 1] [--fsdp 1] [--data 1] [--static-window]
+With --fsdp/--data > 1 the frozen weights and the memory are sharded exactly as `python -m ahn_jax.train` shards them
+(ahn_jax.sharding: embed dims over fsdp, the batch over (data, fsdp)); the batch must divide over data*fsdp. The batch
+is seeded, so runs on different device counts see the same tokens and their losses can be compared.
+Prints a table last and writes JSON to $OUT (if set; --tag names the file).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ahn_jax import compat, sharding
 from ahn_jax.models.config import QwenConfig
 from ahn_jax.models.hybrid import HybridQwenForCausalLM
 from ahn_jax.models.hybrid_config import AHNConfig
@@ -47,7 +52,17 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--static-window", action="store_true",
                    help="bake window/sinks into the step (config window.static): static-window attention kernels")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (global)")
+    p.add_argument("--fsdp", type=int, default=1, help="mesh fsdp size (weights sharded over it)")
+    p.add_argument("--data", type=int, default=1, help="mesh data size")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = p.parse_args()
+    n_dev = args.fsdp * args.data
+    if n_dev > jax.device_count():
+        p.error(f"--fsdp {args.fsdp} x --data {args.data} needs {n_dev} devices, have {jax.device_count()}")
+    if args.batch % n_dev:
+        p.error(f"--batch {args.batch} does not divide over data*fsdp = {n_dev} devices")
+    mesh = sharding.make_mesh(args.data, args.fsdp, 1, devices=jax.devices()[:n_dev])
 
     cfg = json.loads((ROOT / "tests/models/configs/Qwen2.5-3B-Instruct.json").read_text())
     if args.layers:
@@ -63,17 +78,22 @@ def main():
     n_mem = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mem))
     print(f"built in {time.perf_counter() - t0:.1f}s: base {n_base:,} params, memory {n_mem:,}", flush=True)
 
+    with compat.set_mesh(mesh):
+        mem = jax.device_put(mem, sharding.shard_params(mem, mesh))
+        frozen = jax.device_put(frozen, sharding.shard_params(frozen, mesh))
     tx = make_optimizer(mem, lr=1e-4, steps=740)
     opt_state = tx.init(mem)
     step = make_train_step(graphdef, tx, StepOptions(remat=True),
                            static_window=(args.window, args.sinks) if args.static_window else None)
     rng = np.random.default_rng(0)
-    batch = {"input_ids": jnp.asarray(rng.integers(0, 151_000, size=(1, args.seq)), jnp.int32),
-             "loss_mask": jnp.ones((1, args.seq), jnp.float32)}
+    batch = {"input_ids": jnp.asarray(rng.integers(0, 151_000, size=(args.batch, args.seq)), jnp.int32),
+             "loss_mask": jnp.ones((args.batch, args.seq), jnp.float32)}
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     w, s = jnp.int32(args.window), jnp.int32(args.sinks)
 
     t0 = time.perf_counter()
-    compiled = step.lower(mem, opt_state, frozen, batch, w, s).compile()
+    with compat.set_mesh(mesh):
+        compiled = step.lower(mem, opt_state, frozen, batch, w, s).compile()
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     print(f"compiled in {compile_s:.1f}s; temp {getattr(ma, 'temp_size_in_bytes', 0) / 2**30:.2f} GiB", flush=True)
@@ -91,22 +111,25 @@ def main():
             times.append(dt)
         print(f"step {i}: {dt * 1e3:.0f} ms, loss {loss:.4g}", flush=True)
     med = statistics.median(times)
-    tok_s = args.seq / med
-    flops = 6.0 * n_base * tok_s
-    stats = jax.local_devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use", 0) / 2**30
-    row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq": args.seq,
+    tok_s = args.batch * args.seq / med
+    flops = 6.0 * n_base * tok_s / n_dev  # per device
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat) / 2**30
+    row = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "seq": args.seq, "batch": args.batch,
+           "devices": n_dev, "fsdp": args.fsdp, "data": args.data, "tokens_per_s_per_device": tok_s / n_dev,
            "static_window": args.static_window,
            "layers": config.num_hidden_layers, "memory": args.memory, "window": args.window, "sinks": args.sinks,
            "step_ms": med * 1e3, "tokens_per_s": tok_s, "mfu_datasheet": flops / PEAK_DATASHEET,
            "mfu_measured_peak": flops / PEAK_MEASURED, "peak_gib": peak, "compile_s": compile_s,
            "temp_gib": getattr(ma, "temp_size_in_bytes", 0) / 2**30, "losses": losses}
     if os.environ.get("OUT"):
-        name = "bench_train_step_static.json" if args.static_window else "bench_train_step.json"
+        name = "bench_train_step" + ("_static" if args.static_window else "") + (f"_{args.tag}" if args.tag else "")
+        name += ".json"
         pathlib.Path(os.environ["OUT"], name).write_text(json.dumps(row, indent=2))
-    print("\n| device | window | T | layers | step ms | tokens/s | MFU (989) | MFU (790) | peak GiB | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {row['device']} | {'static' if args.static_window else 'traced'} | {args.seq} | {row['layers']} | {row['step_ms']:.0f} | {tok_s:.0f} | "
+    print("\n| device | GPUs (data x fsdp) | window | B x T | layers | step ms | tokens/s | tokens/s/GPU | MFU (989) "
+          "| MFU (790) | peak GiB/GPU | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {row['device']} | {n_dev} ({args.data} x {args.fsdp}) | {'static' if args.static_window else 'traced'} | "
+          f"{args.batch} x {args.seq} | {row['layers']} | {row['step_ms']:.0f} | {tok_s:.0f} | {tok_s / n_dev:.0f} | "
           f"{row['mfu_datasheet']:.1%} | {row['mfu_measured_peak']:.1%} | {peak:.1f} | {compile_s:.0f} |")
 
 
