@@ -134,3 +134,20 @@ def test_clear_errors():
     u = inputs()[3]
     with pytest.raises(ValueError, match="k must end in"):
         pre(jnp.ones((B, N, H, DK)), None, jnp.ones((B, N, H, DK)), pre.write_gates(u), u)
+
+
+def test_init_from_attention_copies_float32_weights():
+    # The trainer donates the memory's buffers every step; a memory weight that shares the frozen attention's buffer
+    # (what asarray gives for a float32 base) made the first AllMem step fail on GPU with "buffer donated twice".
+    mem = make()
+    hq = jnp.asarray(np.random.default_rng(0).normal(size=(D, H * DK)), jnp.float32)
+    hkv = jnp.asarray(np.random.default_rng(1).normal(size=(D, H * DK)), jnp.float32)  # as many KV heads as q heads
+    ho = jnp.asarray(np.random.default_rng(2).normal(size=(H * DK, D)), jnp.float32)
+    norm = jnp.ones((DK,), jnp.float32)
+    mem.init_from_attention(hq, hkv, hkv, ho, q_norm=norm, k_norm=norm)
+    frozen = {id(x): x.unsafe_buffer_pointer() for x in (hq, hkv, ho, norm)}
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):
+        value = getattr(mem, name)[...]
+        assert value.unsafe_buffer_pointer() not in frozen.values(), name
+    np.testing.assert_array_equal(mem.q_proj[...], hq)
+    np.testing.assert_array_equal(mem.o_proj[...], ho)

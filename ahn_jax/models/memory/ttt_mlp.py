@@ -111,15 +111,17 @@ class TTTMLPMemory(Memory):
             hkv = w.shape[1] // dk
             return jnp.repeat(jnp.asarray(w, jnp.float32).reshape(d, hkv, dk), h // hkv, axis=1).reshape(d, h * dk)
 
-        self.q_proj[...] = jnp.asarray(q_proj, jnp.float32)
-        self.k_proj[...] = repeat_heads(k_proj)
-        self.v_proj[...] = repeat_heads(v_proj)
-        self.o_proj[...] = jnp.asarray(o_proj, jnp.float32)
+        # Copies, never views: with a float32 base, asarray would hand back the frozen weight's own buffer, and the
+        # trainer donates the memory's buffers each step (a donated frozen weight fails the step on GPU).
+        self.q_proj[...] = jnp.array(q_proj, jnp.float32, copy=True)
+        self.k_proj[...] = jnp.array(repeat_heads(k_proj), copy=True)
+        self.v_proj[...] = jnp.array(repeat_heads(v_proj), copy=True)
+        self.o_proj[...] = jnp.array(o_proj, jnp.float32, copy=True)
         if (q_norm is None) != (k_norm is None):
             raise ValueError("TTTMLPMemory.init_from_attention: pass both q_norm and k_norm, or neither")
         if q_norm is not None:
-            self.q_norm[...] = jnp.asarray(q_norm, jnp.float32).reshape(dk)
-            self.k_norm[...] = jnp.asarray(k_norm, jnp.float32).reshape(dk)
+            self.q_norm[...] = jnp.array(q_norm, jnp.float32, copy=True).reshape(dk)
+            self.k_norm[...] = jnp.array(k_norm, jnp.float32, copy=True).reshape(dk)
             self.use_qk_norm = True
 
     # --- projections -----------------------------------------------------------------------------------------------
