@@ -95,6 +95,8 @@ def main():
     with compat.set_mesh(mesh):
         compiled = step.lower(mem, opt_state, frozen, batch, w, s).compile()
     compile_s = time.perf_counter() - t0
+    mem_sh, opt_sh = compiled.input_shardings[0][:2]  # what the AOT-compiled step expects for the memory and optimizer
+    mem, opt_state = jax.device_put((mem, opt_state), (mem_sh, opt_sh))
     ma = compiled.memory_analysis()
     print(f"compiled in {compile_s:.1f}s; temp {getattr(ma, 'temp_size_in_bytes', 0) / 2**30:.2f} GiB", flush=True)
 
@@ -102,6 +104,9 @@ def main():
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()
         mem, opt_state, metrics = compiled(mem, opt_state, frozen, batch, w, s)
+        # The compiled step returns the updated memory/optimizer state replicated; put them back in their (fsdp)
+        # shardings, as the AOT-compiled step requires (a local slice: no communication).
+        mem, opt_state = jax.device_put((mem, opt_state), (mem_sh, opt_sh))
         loss = float(metrics["loss"])  # blocks until the step is done
         dt = time.perf_counter() - t0
         if not np.isfinite(loss):
