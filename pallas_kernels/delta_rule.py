@@ -41,8 +41,11 @@ USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_s
 # for every V block (half of its per-chunk matrix work at block_v 16).
 PRECOMPUTE_ATTN = True
 # The backward recomputes W, U with the Pallas WY kernel and differentiates the preparation with the Pallas VJP
-# kernel (pallas_kernels/delta_rule_wy.py); False: XLA recompute + jax.vjp of the triangular solve (the old design).
-PALLAS_WY_BWD = True
+# kernel (pallas_kernels/delta_rule_wy.py); False: XLA recompute + jax.vjp of the triangular solve.
+# Default False: on the H100 the Pallas VJP kernel made fwd+bwd slower (B1 T32768 H16 D128 gated: 52.3 vs 34.9 ms;
+# preparation backward alone 28.8 vs 12.2 ms; benchmarks/RESULTS.md), most likely register spills of its many
+# float32 16x128 tiles. Kept, tested, for the next round.
+PALLAS_WY_BWD = False
 # Value-block width of the backward (state recompute + reverse sweep); None: the forward's. The reverse sweep writes
 # one float32 partial of dq, dk, dw per V block (summed by XLA), so a wider block writes fewer partials.
 BWD_BLOCK_V = None

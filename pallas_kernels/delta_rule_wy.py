@@ -29,7 +29,9 @@ from pallas_kernels.common import F32, dot, dot_nt, dot_tn, pallas_module, trito
 WY_WARPS = 4  # H100: 4 warps 0.98-1.03 ms, 2: 0.88-1.03, 1: 2.15, 8: 1.73 (two runs; 2 and 4 tie within run noise)
 WY_VJP_WARPS = 4
 WY_SUB = 16  # block of the on-chip triangular inverse (the smallest Triton dot); chunks not a multiple use one block
-WY_INVERSE = "substitution"  # or "product" (dots instead of the latency-bound row substitution; see module docstring)
+# "product" (dots) or "substitution" (the latency-bound row substitution; see module docstring). H100, B1 T32768 H16
+# D128: WY kernel 0.87 ms (product) vs 1.16 ms (substitution), same agreement with the XLA solve (benchmarks/RESULTS.md).
+WY_INVERSE = "product"
 _INVERSES = ("substitution", "product")
 
 

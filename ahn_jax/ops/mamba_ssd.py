@@ -197,6 +197,7 @@ def ssd_step(x, dt, A, B, C, state, *, D=None, dt_bias=None, dt_softplus=False):
 
 dispatch.register("ssd", "recurrent", "ahn_jax.ops.mamba_ssd:_ssd_recurrent", {"cpu": 0, "gpu": 0, "tpu": 0})
 dispatch.register("ssd", "chunk", "ahn_jax.ops.mamba_ssd:_ssd_chunk", {"cpu": 1, "gpu": 1, "tpu": 1})
-# The Pallas kernel (pallas_kernels/ssd.py, Triton lowering): on CPU only by name, in interpret mode. On GPU it ranks
-# below "chunk" until a GPU timing shows it is faster (benchmarks/bench_ssd.py); no TPU run yet, so not registered there.
-dispatch.register("ssd", "pallas", "pallas_kernels.ssd:ssd_impl", {"gpu": 0.5, "cpu": None})
+# The Pallas kernel (pallas_kernels/ssd.py, Triton lowering): on CPU only by name, in interpret mode. On GPU "auto"
+# takes it: H100, B1 T32768 H16 P128 N128: fwd 1.24 vs 5.48 ms, fwd+bwd 14.9 vs 18.8 ms for "chunk"
+# (benchmarks/bench_ssd.py, RESULTS.md). No TPU run yet, so not registered there.
+dispatch.register("ssd", "pallas", "pallas_kernels.ssd:ssd_impl", {"gpu": 10, "cpu": None})

@@ -168,10 +168,11 @@ def test_wy_kernel_matches_xla_wy_factors(chunk, gated, dtype):
     assert _rel(u, u_ref) < tol, _rel(u, u_ref)
 
 
-@pytest.mark.parametrize("pallas_wy_bwd,bwd_block_v", [(False, None), (True, 32)])
+@pytest.mark.parametrize("pallas_wy_bwd,bwd_block_v", [(True, None), (True, 32), (False, 32)])
 def test_backward_variants_match_default(monkeypatch, pallas_wy_bwd, bwd_block_v):
-    """The previous backward (XLA recompute + jax.vjp of the preparation) and a backward V block wider than the
-    forward's give the default backward's gradients (the default is checked against the scan above)."""
+    """The Pallas WY backward (recompute + VJP kernel), with the forward's and a wider backward V block, and the
+    default XLA-prep backward with the wider block give the default backward's gradients (the default is checked
+    against the scan above)."""
     q, k, v, g, beta, h0 = _inputs(9, 1, 19, 1, 16, 32, True)
     cot = jax.random.normal(jax.random.PRNGKey(99), (1, 19, 1, 32))
 
