@@ -5,7 +5,14 @@ weight decay 0.1, clip 1.0)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+
+
+def grad_norm(tree):
+    """Global L2 norm of a pytree, in float32 (logged as grad_norm; written here because optax renamed its helper)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.float32(0)
 
 
 def lr_schedule(lr: float, steps: int, warmup_ratio: float = 0.1, final_ratio: float = 0.0):

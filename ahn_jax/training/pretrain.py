@@ -84,7 +84,7 @@ def make_lm_step(graphdef, tx):
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return params, opt_state, dict(metrics, loss=loss, grad_norm=optim.grad_norm(grads))
 
     return jax.jit(step, donate_argnums=(0, 1))
 

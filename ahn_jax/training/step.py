@@ -16,6 +16,7 @@ from flax import nnx
 
 from ahn_jax.models.memory.base import MemoryParam
 from ahn_jax.training.losses import distill_loss
+from ahn_jax.training.optim import grad_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(mem_params)
         updates, opt_state = tx.update(grads, opt_state, mem_params)
         mem_params = optax.apply_updates(mem_params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm(grads))
         return mem_params, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))

@@ -24,3 +24,11 @@ def test_weight_decay_only_on_matrices_and_accumulation():
     g = {"w": jnp.ones((3, 3)), "b": jnp.ones((3,))}
     u1, st = acc.update(g, st, params)
     assert float(jnp.abs(u1["w"]).max()) == 0.0  # first micro-step only accumulates
+
+
+def test_grad_norm_is_the_global_l2_norm():
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16), "b": [jnp.asarray(rng.normal(size=(5,)))]}
+    flat = np.concatenate([np.asarray(tree["a"], np.float64).ravel(), np.asarray(tree["b"][0], np.float64)])
+    np.testing.assert_allclose(float(optim.grad_norm(tree)), np.linalg.norm(flat), rtol=1e-6)
+    assert float(optim.grad_norm({})) == 0.0
