@@ -72,6 +72,8 @@ def divisible_spec(spec: P, shape, mesh) -> P:
         names = (axes,) if isinstance(axes, str) else axes
         n = int(np.prod([mesh.shape[a] for a in names]))
         out.append(axes if dim % n == 0 else None)
+    while out and out[-1] is None:  # P('fsdp') not P('fsdp', None): the form XLA hands back, so jit caches match
+        out.pop()
     return P(*out)
 
 

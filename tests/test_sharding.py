@@ -23,7 +23,7 @@ def test_logical_rules_and_param_shardings():
               "norm": {"scale": jnp.zeros((8,))}}
     sh = sharding.shard_params(params, mesh)
     assert sh["layers"]["0"]["self_attn"]["q_proj"]["kernel"].spec == P("fsdp", "tensor")
-    assert sh["layers"]["0"]["self_attn"]["k_proj"]["kernel"].spec == P("fsdp", None)  # 3 heads don't divide by 2
-    assert sh["norm"]["scale"].spec == P(None)
+    assert sh["layers"]["0"]["self_attn"]["k_proj"]["kernel"].spec == P("fsdp")  # 3 heads don't divide by 2
+    assert sh["norm"]["scale"].spec == P()
     x = jax.device_put(jnp.ones((8, 16)), sh["layers"]["0"]["self_attn"]["q_proj"]["kernel"])
     assert len(x.addressable_shards) == 8

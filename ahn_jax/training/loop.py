@@ -124,19 +124,22 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
         tx = optim.make_optimizer(mem_params, lr=t.lr, steps=t.steps, warmup_ratio=t.warmup_ratio,
                                   weight_decay=t.weight_decay, clip=t.clip, accumulate=t.accumulate)
         opt_state = tx.init(mem_params)
+        # Optimizer moments follow their parameters' shardings (same paths); counters are replicated.
+        opt_state = jax.device_put(opt_state, sharding.shard_params(opt_state, mesh))
+        state_sh = (jax.tree.map(lambda x: x.sharding, mem_params), jax.tree.map(lambda x: x.sharding, opt_state))
         opts = StepOptions(temperature=t.temperature, ce_weight=t.ce_weight, remat=t.remat,
                            valid_vocab=getattr(cfg.data, "valid_vocab", None) or None,
                            mask_before_window=cfg.ahn.memory != "ttt_mlp")
         # window.static: one compiled step per sampled (window, sinks) value, reaching the static-window kernels.
         static_steps = {} if cfg.window.get("static", False) else None
-        traced_step = make_train_step(graphdef, tx, opts) if static_steps is None else None
+        traced_step = make_train_step(graphdef, tx, opts, state_shardings=state_sh) if static_steps is None else None
 
         def step_fn(mem_params, opt_state, frozen, batch, window, sinks):
             if static_steps is None:
                 return traced_step(mem_params, opt_state, frozen, batch, jnp.int32(window), jnp.int32(sinks))
             key = (int(window), int(sinks))
             if key not in static_steps:
-                static_steps[key] = make_train_step(graphdef, tx, opts, static_window=key)
+                static_steps[key] = make_train_step(graphdef, tx, opts, static_window=key, state_shardings=state_sh)
             return static_steps[key](mem_params, opt_state, frozen, batch, jnp.int32(window), jnp.int32(sinks))
 
         data = data_iter_factory()

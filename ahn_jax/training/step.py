@@ -59,12 +59,16 @@ def compute_loss(graphdef, mem_params, frozen, batch, window, sinks, opts: StepO
                         chunk=opts.loss_chunk)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, static_window=None):
+def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOptions, static_window=None,
+                    state_shardings=None):
     """A jitted `step(mem_params, opt_state, frozen, batch, window, sinks) -> (mem_params, opt_state, metrics)`.
 
     static_window=(window, sinks): bake these Python ints into the compiled step (the window/sinks arguments are then
     ignored). Static windows reach the fastest attention kernels (cuDNN, Pallas), at one compilation per value;
-    traced windows (the default) compile once for every value (ahn_jax.ops.attention's blockwise xla path)."""
+    traced windows (the default) compile once for every value (ahn_jax.ops.attention's blockwise xla path).
+    state_shardings=(mem_shardings, opt_shardings): the updated state leaves the step in these shardings (those it
+    came in with), so the donated buffers are reused and the next call does not recompile; without it XLA may return
+    an fsdp-sharded state replicated."""
 
     def step(mem_params, opt_state, frozen, batch, window, sinks):
         if static_window is not None:
@@ -76,6 +80,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, opts: StepOption
         updates, opt_state = tx.update(grads, opt_state, mem_params)
         mem_params = optax.apply_updates(mem_params, updates)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm(grads))
+        if state_shardings is not None:
+            mem_params, opt_state = jax.lax.with_sharding_constraint((mem_params, opt_state), state_shardings)
         return mem_params, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))

@@ -60,3 +60,37 @@ def test_static_window_step_equals_traced_window_step():
         _, _, m = step(jax.tree.map(jnp.copy, mem), tx.init(mem), frozen, batch, jnp.int32(6), jnp.int32(2))
         out.append(float(m["loss"]))
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+
+
+def test_fsdp_state_keeps_its_shardings_and_compiles_once():
+    """With state_shardings the updated memory/optimizer state leaves the step in the shardings it came in with (XLA
+    otherwise picks its own: on GPU it returned the 3B memory fsdp-sharded where the step took it replicated, and the
+    next call failed), so the donated buffers are reused and step 2 does not recompile; losses equal one device's."""
+    from ahn_jax import compat, sharding
+
+    graphdef, mem, frozen, batch = _setup()
+    tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+    want = []
+    step1 = make_train_step(graphdef, tx, StepOptions(remat=False))
+    p, o = jax.tree.map(jnp.copy, mem), tx.init(mem)
+    for _ in range(3):
+        p, o, m = step1(p, o, frozen, batch, jnp.int32(6), jnp.int32(2))
+        want.append(float(m["loss"]))
+
+    mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
+    with compat.set_mesh(mesh):
+        p = jax.device_put(jax.tree.map(jnp.copy, mem), sharding.shard_params(mem, mesh))
+        o = jax.device_put(tx.init(p), sharding.shard_params(tx.init(p), mesh))
+        fr = jax.device_put(frozen, sharding.shard_params(frozen, mesh))
+        b = jax.device_put(batch, sharding.batch_sharding(mesh))
+        state_sh = (jax.tree.map(lambda x: x.sharding, p), jax.tree.map(lambda x: x.sharding, o))
+        assert any(x.sharding.spec and x.sharding.spec[0] == "fsdp" for x in jax.tree.leaves(fr)), "no fsdp weight"
+        step = make_train_step(graphdef, tx, StepOptions(remat=False), state_shardings=state_sh)
+        got = []
+        for _ in range(3):
+            p, o, m = step(p, o, fr, b, jnp.int32(6), jnp.int32(2))
+            got.append(float(m["loss"]))
+            for x, s in zip(jax.tree.leaves((p, o)), jax.tree.leaves(state_sh)):
+                assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
+    assert step._cache_size() == 1
+    np.testing.assert_allclose(got, want, rtol=1e-4)  # sharded reductions sum in another order
