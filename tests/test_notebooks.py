@@ -70,7 +70,6 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
     assert "KL(teacher || student)" in out and "full KV cache" in out
 
 
-@pytest.mark.slow
 def test_train_tiny_runs_on_cpu(tmp_path, monkeypatch):
     out = _stdout(_execute(ROOT / "colab" / "train_tiny.ipynb", tmp_path, monkeypatch))
     assert (tmp_path / "workdir" / "metrics.jsonl").exists()
@@ -78,7 +77,6 @@ def test_train_tiny_runs_on_cpu(tmp_path, monkeypatch):
     assert "beyond-window acc" in out
 
 
-@pytest.mark.slow
 def test_kernels_runs_on_cpu(tmp_path, monkeypatch):
     out = _stdout(_execute(ROOT / "colab" / "kernels.ipynb", tmp_path, monkeypatch))
     assert "interpret=True" in out
