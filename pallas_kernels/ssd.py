@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import check_rank, chunk_cumsum, pad_time
+from pallas_kernels.common import F32, check_rank, chunk_cumsum, pad_time, triton_params
+from pallas_kernels.common import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
 
-F32 = jnp.float32
 # GPU tuning knobs. The [L, L] intra-chunk matrices live in registers, so the kernel chunk is capped well below the
 # XLA form's 256; the math does not depend on the chunk (only float32 rounding does).
 KERNEL_CHUNK = 64
@@ -47,32 +47,6 @@ def _pl():
     from jax.experimental import pallas as pl  # lazy: importing Pallas is slow
 
     return pl
-
-
-def _compiler_params(num_warps: int, num_stages: int):
-    """Triton compiler params on GPU (selects the Triton lowering; these bodies are not written for Mosaic GPU)."""
-    if jax.default_backend() != "gpu":
-        return None
-    try:
-        from jax.experimental.pallas import triton as plgpu_triton
-    except ImportError:  # pragma: no cover - depends on the installed jax
-        return None
-    return plgpu_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot(a, b, dtype):
-    """a @ b with operands in the compute dtype and float32 accumulation."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _dot_tn(a, b, dtype):
-    """a^T @ b."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _dot_nt(a, b, dtype):
-    """a @ b^T."""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
 def _chunk_decays(a, chunk):
@@ -184,7 +158,7 @@ def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_s
     kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g,
                                save_states=save_states)
     return pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, p // block_p), interpret=interpret,
-                          compiler_params=_compiler_params(FWD_WARPS, 2), name="ssd_fwd")(
+                          compiler_params=triton_params(FWD_WARPS, 2), name="ssd_fwd")(
         x, d_hm, a_hm, bm, cm, h0)
 
 
@@ -205,7 +179,7 @@ def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, int
     kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
     dx, db, dc, dd, da, dh0 = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, n_p), interpret=interpret,
-        compiler_params=_compiler_params(BWD_WARPS, 1), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states, dy, dht)
+        compiler_params=triton_params(BWD_WARPS, 1), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states, dy, dht)
     return dx, db.sum(0), dc.sum(0), dd.sum(0), da.sum(0), dh0
 
 
