@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 # JAX takes 75% of the GPU by default; FLA (torch) runs in the same process.
@@ -33,6 +32,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels import delta_rule as pk  # noqa: E402
 from pallas_kernels import delta_rule_wy as wy  # noqa: E402
 from pallas_kernels.common import chunk_cumsum, pad_time, wy_factors  # noqa: E402
+from bench_util import rel, time_jax  # noqa: E402
 
 START = time.time()
 CHUNK = 64
@@ -97,23 +97,6 @@ def scan_reference(q, k, v, g, beta, scale):
     return jnp.moveaxis(o, 0, 1), s
 
 
-def rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def time_jax(fn, *args, reps=20):
-    for _ in range(3):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
-
-
 def ours_fns(d, gated):
     """jitted forward and forward+backward (gradients in q, k, v, [g,] beta) of ours; built fresh so that the module
     knobs set right before are traced in."""
@@ -172,7 +155,7 @@ def tune_forward(shape, res):
         try:
             w, u, _ = fn(q, k, v, beta, gc)
             res[f"wy_{method}_rel_err"] = {"w": rel(w, w_ref), "u": rel(u, u_ref)}
-            res[f"wy_{method}_ms"] = time_jax(fn, q, k, v, beta, gc)
+            res[f"wy_{method}_ms"] = time_jax(fn, q, k, v, beta, gc, reps=20, warmup=3)
         except Exception as e:  # noqa: BLE001 - record and go on
             res[f"wy_{method}_error"] = err(e)
             continue
@@ -212,8 +195,8 @@ def tune_backward(shape, res):
         old, new = jax.jit(prep_old), jax.jit(prep_new)
         a, b_ = old(k, v, g, beta, dw, du)[:4], new(k, v, g, beta, dw, du)[:4]
         res["prep_bwd_rel_err"] = {n: rel(y, x_) for n, x_, y in zip(("dk", "dv", "dg", "dbeta"), a, b_)}
-        res["prep_bwd_old_ms"] = time_jax(old, k, v, g, beta, dw, du, reps=10)
-        res["prep_bwd_new_ms"] = time_jax(new, k, v, g, beta, dw, du, reps=10)
+        res["prep_bwd_old_ms"] = time_jax(old, k, v, g, beta, dw, du, reps=10, warmup=3)
+        res["prep_bwd_new_ms"] = time_jax(new, k, v, g, beta, dw, du, reps=10, warmup=3)
     except Exception as e:  # noqa: BLE001
         res["prep_bwd_error"] = err(e)
     log("tune prep backward", {n: res[n] for n in res if n.startswith("prep_bwd")})
@@ -224,7 +207,7 @@ def tune_backward(shape, res):
         _, fb = ours_fns(d, True)
         try:
             grads[label] = fb(q, k, v, g, beta, cot)
-            res[f"fwdbwd_{label}_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
+            res[f"fwdbwd_{label}_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=3)
         except Exception as e:  # noqa: BLE001
             res[f"fwdbwd_{label}_error"] = err(e)
     pk.PALLAS_WY_BWD = True
@@ -245,7 +228,7 @@ def tune_backward(shape, res):
             try:
                 gr = fb(q, k, v, g, beta, cot)
                 res[key + "_grad_rel_err"] = max(rel(a, b_) for a, b_ in zip(gr, grads["new"]))
-                res[key + "_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
+                res[key + "_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=3)
             except Exception as e:  # noqa: BLE001
                 res[key + "_error"] = err(e)
                 continue
@@ -318,16 +301,16 @@ def bench_shape(shape, gated, with_xla):
     else:
         row["fla_error"] = "skipped: no GPU"
     log(f"{op} {name} agreement:", {n: row[n] for n in row if "err" in n})
-    row["ours_fwd_ms"] = time_jax(fwd, q, k, v, g, beta)
+    row["ours_fwd_ms"] = time_jax(fwd, q, k, v, g, beta, reps=20, warmup=3)
     if ours_grads is not None:
-        row["ours_fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10)
+        row["ours_fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=3)
     if with_xla:
         try:
             from ahn_jax.ops import gated_delta as ops_dr
             xla = jax.jit(lambda q, k, v, g, beta: (ops_dr.gated_delta_rule(q, k, v, g, beta, impl="chunk") if gated
                                                     else ops_dr.delta_rule(q, k, v, beta, impl="chunk"))[0])
             row["xla_rel_err"] = rel(xla(q, k, v, g, beta), o_ref)
-            row["xla_fwd_ms"] = time_jax(xla, q, k, v, g, beta, reps=5)
+            row["xla_fwd_ms"] = time_jax(xla, q, k, v, g, beta, reps=5, warmup=3)
         except Exception as e:  # noqa: BLE001
             row["xla_error"] = err(e)
     log(f"{op} {name}:", {n: row[n] for n in row if n.endswith("_ms")})

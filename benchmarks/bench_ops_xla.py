@@ -14,24 +14,15 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ahn_jax.ops import delta_rule, gated_delta_rule
+from bench_util import time_jax
 
 
-def time_jax(fn, *args, reps=5):
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
 
 
 def main():
@@ -79,11 +70,11 @@ def main():
                 f = jax.jit(lambda q, k, v, g, b, impl=impl: delta_rule(q, k, v, b, impl=impl)[0])
             o = np.asarray(f(jq, jk, jv, jg, jb), np.float32)
             row[f"{impl}_rel_err_vs_fla"] = float(np.linalg.norm(o - o_fla) / np.linalg.norm(o_fla))
-            row[f"{impl}_fwd_ms"] = time_jax(f, jq, jk, jv, jg, jb)
+            row[f"{impl}_fwd_ms"] = time_jax(f, jq, jk, jv, jg, jb, reps=5, warmup=1)
             if impl == "chunk":
                 grad = jax.jit(jax.grad(lambda q, k, v, g, b: jnp.sum(f(q, k, v, g, b).astype(jnp.float32)),
                                         argnums=(0, 1, 2, 3, 4)))
-                row["chunk_fwdbwd_ms"] = time_jax(grad, jq, jk, jv, jg, jb)
+                row["chunk_fwdbwd_ms"] = time_jax(grad, jq, jk, jv, jg, jb, reps=5, warmup=1)
         rows.append(row)
         print(row, flush=True)
     if os.environ.get("OUT"):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 
 from ahn_jax.ops import mamba_ssd as ssd_op
 from pallas_kernels import ssd as pk
+from bench_util import rel, time_jax
 
 START = time.time()
 SHAPES = [("B1 T32768 H16 P128 N128", 1, 32768, 16, 128, 128), ("B1 T32768 H16 P64 N128", 1, 32768, 16, 64, 128),
@@ -78,23 +78,6 @@ def op_fns(impl):
         return jnp.sum(y.astype(jnp.float32) * cot) + jnp.sum(s * cot_s), (y, s)
 
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))
-
-
-def rel(a, b):
-    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def time_jax(fn, *args, reps=10):
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def agreement(inp, row):
