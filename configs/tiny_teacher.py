@@ -22,13 +22,9 @@ DEMO_TASKS = {"tasks": ("recall", "copy"), "fact_prob": 0.5, "filler_words": (2,
 DEMO_LENGTH = 256
 
 
-def get_config(arg=None):
-    del arg
-    c = base.get_config()
-    c.model.random_init = dict(TEACHER_ARCH)
-    c.model.dtype = "float32"
-    c.window.fixed_window = 32  # only used by the held-out report (beyond-window answers of the demo's window)
-    c.window.fixed_sinks = 4
+def set_demo_data(c):
+    """The demo's synthetic documents, shared by the teacher and the memories distilled into it (loss on every
+    position; tiny_gdn's KL skips the positions before the window itself)."""
     c.data.kind = "synthetic"
     c.data.tasks = dict(DEMO_TASKS)
     c.data.loss_mask = "all"
@@ -37,6 +33,16 @@ def get_config(arg=None):
     c.data.cutoff_len = DEMO_LENGTH
     c.data.buckets = (DEMO_LENGTH,)
     c.data.max_samples = 1 << 20
+
+
+def get_config(arg=None):
+    del arg
+    c = base.get_config()
+    c.model.random_init = dict(TEACHER_ARCH)
+    c.model.dtype = "float32"
+    c.window.fixed_window = 32  # only used by the held-out report (beyond-window answers of the demo's window)
+    c.window.fixed_sinks = 4
+    set_demo_data(c)
     c.train.mode = "lm"
     c.train.answer_weight = 10.0
     c.train.init = "fan_in"  # pretrain.fan_in_init: the 0.02 init left attention uniform (a recall plateau)
