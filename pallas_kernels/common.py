@@ -6,6 +6,8 @@ Imports only jax/numpy (layer rule).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -105,3 +107,103 @@ def wy_factors(k, v, beta, gc, chunk: int):
     w = sol[..., :dk].transpose(0, 1, 3, 2, 4).reshape(b, t, h, dk)
     u = sol[..., dk:].transpose(0, 1, 3, 2, 4).reshape(b, t, h, dv)
     return w.astype(k.dtype), u.astype(v.dtype)
+
+
+def unit_lower_inverse(a, base: int = 16):
+    """(I + A)^-1 for strictly lower-triangular A: [..., C, C] float32, matmuls only (no triangular_solve).
+
+    Diagonal blocks of size <= `base` use the product form (I - N)(I + N^2)(I + N^4)... (exact since N^base = 0);
+    larger matrices are halved recursively (both halves inverted as one batch) and joined by T21 = -T22 A21 T11,
+    the blocked inversion that LAPACK's trtri also uses. HIGHEST precision: on GPU the default float32 dot is tf32,
+    too coarse for the alternating sums of the product form when keys are correlated.
+    """
+    c = a.shape[-1]
+    mm = functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
+    if c <= base or c % 2:
+        inv = jnp.eye(c, dtype=a.dtype) - a
+        p = a
+        for _ in range(max(0, (c - 1).bit_length() - 1)):  # N^2, N^4, ... up to N^(2^m) with 2^(m+1) >= c
+            p = mm(p, p)
+            inv = inv + mm(inv, p)
+        return inv
+    h = c // 2
+    halves = unit_lower_inverse(jnp.stack([a[..., :h, :h], a[..., h:, h:]], axis=-3), base)
+    t11, t22 = halves[..., 0, :, :], halves[..., 1, :, :]
+    t21 = -mm(t22, mm(a[..., h:, :h], t11))
+    top = jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1)
+    return jnp.concatenate([top, jnp.concatenate([t21, t22], axis=-1)], axis=-2)
+
+
+WY_VJP_INVERSES = ("blocked", "solve")
+
+
+def wy_factors_and_vjp(k, v, beta, gc, chunk: int, inverse: str = "blocked"):
+    """wy_factors plus an explicit, matmul-only VJP of it (batched float32 einsums over chunks, no jax.vjp).
+
+    k: [B, T, H, K], v: [B, T, H, V], beta: [B, T, H], gc: [B, H, T] float32 or None; T a multiple of `chunk`.
+    T = (I + A)^-1 is formed once per chunk ("blocked": unit_lower_inverse; "solve": one triangular_solve against I)
+    and reused for W = T KB, U = T VB and the VJP, where (KB = diag(beta gamma) K, VB = diag(beta) V, gamma = e^gc)
+      dKB = T^T dW,  dVB = T^T dU,  dA = -strict_lower(dKB W^T + dVB U^T)    (W = T KB, U = T VB), then
+      dk_i = (beta gamma)_i dKB_i + sum_j D_ij k_j + sum_j D_ji k_j,   D = dA * beta_i * Gamma_ij,
+      dbeta_i = gamma_i dKB_i.k_i + dVB_i.v_i + sum_j dA_ij Gamma_ij k_i.k_j,   dv = beta dVB,
+      dgc_i = beta_i gamma_i dKB_i.k_i + sum_j P_ij - sum_j P_ji,   P = dA * A   (dA_ij/dgc_i = A_ij = -dA_ij/dgc_j).
+    Returns (w [B, T, H, K] in k.dtype, u [B, T, H, V] in v.dtype, vjp), vjp(dw, du) -> float32 (dk [B, T, H, K],
+    dv [B, T, H, V], dbeta [B, T, H], dgc [B, H, T] or None).
+    """
+    if inverse not in WY_VJP_INVERSES:
+        raise ValueError(f"inverse must be one of {WY_VJP_INVERSES}, got {inverse!r}")
+    if k.shape[1] % chunk:
+        raise ValueError(f"the time axis of k ({k.shape[1]}) must be a multiple of chunk={chunk}")
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    n = t // chunk
+    kc = k.astype(F32).reshape(b, n, chunk, h, dk)  # rows i of chunk n: [B, N, C, H, K]
+    vc = v.astype(F32).reshape(b, n, chunk, h, dv)
+    bc = beta.astype(F32).reshape(b, n, chunk, h)
+    strict = jnp.tril(jnp.ones((chunk, chunk), dtype=bool), k=-1)
+    kk = jnp.einsum("bnihk,bnjhk->bnhij", kc, kc)
+    if gc is not None:
+        gcc = gc.reshape(b, h, n, chunk).transpose(0, 2, 3, 1)  # [B, N, C, H]
+        gh = gcc.transpose(0, 1, 3, 2)  # [B, N, H, C]
+        # Mask before exp: above the diagonal the difference is positive and could overflow.
+        gamma_mat = jnp.where(strict, jnp.exp(jnp.where(strict, gh[..., :, None] - gh[..., None, :], 0.0)), 0.0)
+        gamma_vec = jnp.exp(gcc)
+    else:
+        gamma_mat = strict.astype(F32)
+        gamma_vec = jnp.ones_like(bc)
+    beta_rows = bc.transpose(0, 1, 3, 2)[..., :, None]  # [B, N, H, C, 1]
+    a = beta_rows * kk * gamma_mat
+    if inverse == "blocked":
+        tinv = unit_lower_inverse(a)
+    else:
+        eye = jnp.broadcast_to(jnp.eye(chunk, dtype=F32), a.shape)
+        tinv = lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
+    kscale = bc * gamma_vec  # [B, N, C, H]
+    kb = kc * kscale[..., None]
+    vb = vc * bc[..., None]
+    w32 = jnp.einsum("bnhij,bnjhk->bnihk", tinv, kb)
+    u32 = jnp.einsum("bnhij,bnjhk->bnihk", tinv, vb)
+
+    def vjp(dw, du):
+        dw = dw.astype(F32).reshape(b, n, chunk, h, dk)
+        du = du.astype(F32).reshape(b, n, chunk, h, dv)
+        dkb = jnp.einsum("bnhij,bnihk->bnjhk", tinv, dw)  # T^T dW
+        dvb = jnp.einsum("bnhij,bnihk->bnjhk", tinv, du)
+        da = -(jnp.einsum("bnihk,bnjhk->bnhij", dkb, w32) + jnp.einsum("bnihk,bnjhk->bnhij", dvb, u32))
+        da = jnp.where(strict, da, 0.0)
+        da_g = da * gamma_mat
+        d = da_g * beta_rows
+        dkc = (dkb * kscale[..., None] + jnp.einsum("bnhij,bnjhk->bnihk", d, kc)
+               + jnp.einsum("bnhij,bnihk->bnjhk", d, kc))
+        s_kb = jnp.sum(dkb * kc, axis=-1)  # dKB_i . k_i: [B, N, C, H]
+        dbeta = s_kb * gamma_vec + jnp.sum(dvb * vc, axis=-1) + jnp.sum(da_g * kk, axis=-1).transpose(0, 1, 3, 2)
+        dgc = None
+        if gc is not None:
+            p = da * a
+            dgc = s_kb * kscale + (jnp.sum(p, axis=-1) - jnp.sum(p, axis=-2)).transpose(0, 1, 3, 2)
+            dgc = dgc.transpose(0, 3, 1, 2).reshape(b, h, t)
+        return (dkc.reshape(b, t, h, dk), (dvb * bc[..., None]).reshape(b, t, h, dv), dbeta.reshape(b, t, h), dgc)
+
+    w = w32.reshape(b, t, h, dk).astype(k.dtype)
+    u = u32.reshape(b, t, h, dv).astype(v.dtype)
+    return w, u, vjp

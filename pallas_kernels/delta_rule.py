@@ -10,10 +10,11 @@ Plan (see benchmarks/NOTES_delta_rule.md):
         u' = U - W S;  o = scale * (gamma*Q S + mask(Q K^T * Gamma) u');  S = e^{g_last} S + (K * e^{g_last - gc})^T u'.
       The recurrence is independent per value column given W, so splitting V multiplies the parallelism beyond B*H
       for batch-1 long sequences, and no per-chunk state goes through HBM in the forward.
-  Backward: W, U are recomputed by the WY kernel, the forward kernel is rerun to save each chunk's start state, a
-  second kernel sweeps the chunks in reverse carrying dS (again split over V), and the WY preparation is
-  differentiated by a Pallas kernel over chunks (pallas_kernels/delta_rule_wy.py; PALLAS_WY_BWD = False: jax.vjp of
-  the XLA preparation, the previous design).
+  Backward (defaults WY_BWD = "explicit", SWEEP = "split"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
+  per chunk with matmuls), the forward kernel rerun to save each chunk's start state, a sequential kernel sweeping the
+  chunks in reverse carrying dS (split over V) that writes du', u' and each chunk's dS, a kernel parallel over chunks
+  forming dq, dk, dw with the V blocks summed on chip, and the WY preparation's matmul-only VJP from the same T
+  (pallas_kernels.common.wy_factors_and_vjp). The older variants stay behind the WY_BWD / SWEEP switches for timing.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.common import (F32, check_rank, chunk_cumsum, dot, dot_nt, dot_tn, pad_time, pallas_module,
-                                   triton_params, wy_factors)
+                                   triton_params, wy_factors, wy_factors_and_vjp)
 from pallas_kernels.delta_rule_wy import wy_factors_pallas, wy_factors_vjp_pallas  # noqa: F401 - re-exported
 
 # Tuning knobs (GPU): value-block width when the caller gives none, and Triton warps per program. Batch-1 long
@@ -40,14 +41,23 @@ USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_s
 # The WY kernel also writes the masked, decayed intra-chunk Q K^T that the forward kernel would otherwise recompute
 # for every V block (half of its per-chunk matrix work at block_v 16).
 PRECOMPUTE_ATTN = True
-# The backward recomputes W, U with the Pallas WY kernel and differentiates the preparation with the Pallas VJP
-# kernel (pallas_kernels/delta_rule_wy.py); False: XLA recompute + jax.vjp of the triangular solve.
-# Default False: on the H100 the Pallas VJP kernel made fwd+bwd slower (B1 T32768 H16 D128 gated: 52.3 vs 34.9 ms;
-# preparation backward alone 28.8 vs 12.2 ms; benchmarks/RESULTS.md), most likely register spills of its many
-# float32 16x128 tiles. Kept, tested, for the next round.
-PALLAS_WY_BWD = False
-# Value-block width of the backward (state recompute + reverse sweep); None: the forward's. The reverse sweep writes
-# one float32 partial of dq, dk, dw per V block (summed by XLA), so a wider block writes fewer partials.
+# How the backward gets W, U and differentiates the WY preparation:
+#   "explicit": XLA, T = (I + A)^-1 once per chunk (WY_BWD_INVERSE: "blocked" matmul-only inverse or "solve"), W, U and
+#               the matmul-only VJP from it (common.wy_factors_and_vjp);
+#   "jax_vjp":  XLA triangular_solve recompute + jax.vjp through it (round 1-3 default; H100 prep backward 12.2 ms);
+#   "pallas":   the Pallas WY kernel + Pallas VJP kernel (round 3; slower on the H100: 28.8 ms, register spills).
+WY_BWD = "explicit"
+WY_BWD_INVERSE = "blocked"
+_WY_BWDS = ("explicit", "jax_vjp", "pallas")
+# Reverse sweep: "split": the sequential kernel carries dS and writes only du, u' and each chunk's dS (in q's dtype),
+# and a kernel parallel over (B, H, chunk, K block) forms dq, dk, dw, dgc with the V blocks looped inside (no per-V-block
+# partials); "partials": one kernel writes float32 dq/dk/dw/dgc partials per V block, summed by XLA (round 1-3:
+# ~6.4 GB written + read again at B1 T32768 H16 D128, block_v 16).
+SWEEP = "split"
+_SWEEPS = ("split", "partials")
+DQKW_BLOCK_K = 64  # K block (grid axis) of the dq/dk/dw kernel: keeps its three [C, block_k] float32 accumulators small
+DQKW_BLOCK_V = 32  # V block looped over inside it
+DQKW_WARPS = 4
 BWD_BLOCK_V = None
 
 
@@ -169,6 +179,105 @@ def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     dh0_ref[b, h, :, vs] = ds0
 
 
+def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
+    """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
+    reverse and writes du' (d u'), u' (q's dtype), each chunk's dS (q's dtype: only ever used as a dot operand) and
+    e^{g_last} sum(dS * S0) per chunk and V block (the state part of d g_last). dq, dk, dw, dgc: _dqkw_kernel."""
+    pl = pallas_module()
+    refs = list(refs)
+    q_ref, k_ref, w_ref, u_ref = refs[:4]
+    gc_ref = refs[4] if gated else None
+    rest = refs[5:] if gated else refs[4:]
+    st_ref, do_ref, dht_ref, du_ref, un_ref, dst_ref = rest[:6]
+    dgs_ref = rest[6] if gated else None
+    dh0_ref = rest[-1]
+
+    b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    vs = pl.ds(iv * block_v, block_v)
+    cdt = q_ref.dtype
+    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+
+    def body(i, ds):
+        c = n_chunks - 1 - i
+        ts = pl.ds(c * chunk, chunk)
+        s = st_ref[b, h, c, :, vs]
+        q = q_ref[b, ts, h, :].astype(F32)
+        k = k_ref[b, ts, h, :].astype(F32)
+        w = w_ref[b, ts, h, :].astype(F32)
+        do = do_ref[b, ts, h, vs].astype(F32) * scale
+        u_new = u_ref[b, ts, h, vs].astype(F32) - dot(w, s, cdt)
+        if gated:
+            gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
+            q_dec, k_dec, s_decay = q * jnp.exp(gcv)[:, None], k * jnp.exp(g_last - gcv)[:, None], jnp.exp(g_last)
+            dgs_ref[iv, b, h, c] = s_decay * jnp.sum(ds * s)
+        else:
+            gamma_mat = jnp.where(causal, 1.0, 0.0)
+            q_dec, k_dec, s_decay = q, k, 1.0
+        attn = dot_nt(q, k, cdt) * gamma_mat
+        du_new = dot_tn(attn, do, cdt) + dot(k_dec, ds, cdt)
+        dst_ref[b, h, c, :, vs] = ds.astype(dst_ref.dtype)
+        un_ref[b, ts, h, vs] = u_new.astype(un_ref.dtype)
+        du_ref[b, ts, h, vs] = du_new.astype(du_ref.dtype)
+        return ds * s_decay + dot_tn(q_dec, do, cdt) - dot_tn(w, du_new, cdt)
+
+    ds0 = lax.fori_loop(0, n_chunks, body, dht_ref[b, h, :, vs].astype(F32))
+    dh0_ref[b, h, :, vs] = ds0
+
+
+def _dqkw_kernel(*refs, chunk, n_v, block_v, block_k, scale, gated):
+    """dq, dk, dw (and the per-K-block part of dgc) of one chunk and K block, parallel over chunks: loops over the V
+    blocks accumulating do S^T, u' dS^T, -du' S^T ([C, block_k]) and do u'^T ([C, C]) on chip, so nothing is written per
+    V block. Same formulas as _bwd_kernel, with the sums over V done here instead of by XLA."""
+    pl = pallas_module()
+    refs = list(refs)
+    q_ref, k_ref = refs[:2]
+    gc_ref = refs[2] if gated else None
+    rest = refs[3:] if gated else refs[2:]
+    st_ref, dst_ref, do_ref, un_ref, du_ref, dq_ref, dk_ref, dw_ref = rest[:8]
+    dgc_ref = rest[8] if gated else None
+
+    b, h, c, ik = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    ts = pl.ds(c * chunk, chunk)
+    ks = pl.ds(ik * block_k, block_k)
+    cdt = q_ref.dtype
+    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+
+    def over_v(iv, acc):
+        dq_dec, dk_dec, dw, d_attn = acc
+        vs = pl.ds(iv * block_v, block_v)
+        s = st_ref[b, h, c, ks, vs]
+        ds = dst_ref[b, h, c, ks, vs]
+        do = do_ref[b, ts, h, vs].astype(F32) * scale
+        u_new = un_ref[b, ts, h, vs]
+        du_new = du_ref[b, ts, h, vs]
+        return (dq_dec + dot_nt(do, s, cdt), dk_dec + dot_nt(u_new, ds, cdt), dw - dot_nt(du_new, s, cdt),
+                d_attn + dot_nt(do, u_new, cdt))
+
+    zeros_k = jnp.zeros((chunk, block_k), F32)
+    dq_dec, dk_dec, dw, d_attn = lax.fori_loop(0, n_v, over_v, (zeros_k, zeros_k, zeros_k,
+                                                                 jnp.zeros((chunk, chunk), F32)))
+    q = q_ref[b, ts, h, ks].astype(F32)
+    k = k_ref[b, ts, h, ks].astype(F32)
+    if gated:
+        gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
+        q_gain, k_gain = jnp.exp(gcv)[:, None], jnp.exp(g_last - gcv)[:, None]
+    else:
+        gamma_mat = jnp.where(causal, 1.0, 0.0)
+        q_gain, k_gain = 1.0, 1.0
+    d_attn = d_attn * gamma_mat
+    dq_ref[b, ts, h, ks] = dq_dec * q_gain + dot(d_attn, k, cdt)
+    dk_ref[b, ts, h, ks] = dot_tn(d_attn, q, cdt) + dk_dec * k_gain
+    dw_ref[b, ts, h, ks] = dw
+    if gated:
+        # This K block's share of dgc (the K sums split over blocks): q.k and the decayed products restricted to it.
+        m = d_attn * dot_nt(q, k, cdt)
+        r = jnp.sum(dk_dec * k * k_gain, axis=1)
+        dgc = jnp.sum(dq_dec * q * q_gain, axis=1) + jnp.sum(m, axis=1) - jnp.sum(m, axis=0) - r
+        dgc_ref[ik, b, h, ts] = dgc + jnp.where(is_last, jnp.sum(r), 0.0)
+
+
 def _pick_block_v(dv: int, block_v):
     if block_v is None:
         block_v = DEFAULT_BLOCK_V if dv % DEFAULT_BLOCK_V == 0 else dv
@@ -213,6 +322,52 @@ def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, int
     dq, dk_, dw, du = (x.sum(0) if x.ndim == 5 else x for x in outs[:4])
     dgc = outs[4].sum(0) if gated else None
     return dq, dk_, dw, du, dgc, outs[-1]
+
+
+def _divisor_block(n: int, want: int) -> int:
+    return want if n % want == 0 else n
+
+
+def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, interpret):
+    """The "split" backward: sequential sweep (grid B, H, V/block_v) then dq/dk/dw/dgc parallel over chunks (grid
+    B, H, chunk, K/DQKW_BLOCK_K). Same returns as _run_backward."""
+    pl = pallas_module()
+    b, t, h, dk = q.shape
+    dv = u.shape[-1]
+    n = t // chunk
+    nv = dv // block_v
+    gated = gc is not None
+    cdt = q.dtype
+    out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), F32), jax.ShapeDtypeStruct((b, t, h, dv), cdt),
+                 jax.ShapeDtypeStruct((b, h, n, dk, dv), cdt)]
+    if gated:
+        out_shape.append(jax.ShapeDtypeStruct((nv, b, h, n), F32))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
+    kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
+    args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
+    outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
+                          compiler_params=triton_params(BWD_WARPS, 1), name="delta_rule_bwd_sweep")(*args)
+    du, u_new, dstates = outs[:3]
+    dh0 = outs[-1]
+
+    block_k = _divisor_block(dk, DQKW_BLOCK_K)
+    bv = _divisor_block(dv, DQKW_BLOCK_V)
+    nk = dk // block_k
+    out_shape = [jax.ShapeDtypeStruct((b, t, h, dk), F32)] * 3
+    if gated:
+        out_shape.append(jax.ShapeDtypeStruct((nk, b, h, t), F32))
+    kernel = functools.partial(_dqkw_kernel, chunk=chunk, n_v=dv // bv, block_v=bv, block_k=block_k, scale=scale,
+                               gated=gated)
+    args = [q, k] + ([gc] if gated else []) + [states, dstates, do, u_new, du]
+    outs2 = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, n, nk), interpret=interpret,
+                           compiler_params=triton_params(DQKW_WARPS, 1), name="delta_rule_bwd_dqkw")(*args)
+    dq, dk_, dw = outs2[:3]
+    dgc = None
+    if gated:
+        # The state part of d g_last (summed over V blocks) lands on each chunk's last row.
+        dg_state = outs[3].sum(0)  # [B, H, N]
+        dgc = outs2[3].sum(0).reshape(b, h, n, chunk).at[..., chunk - 1].add(dg_state).reshape(b, h, t)
+    return dq, dk_, dw, du, dgc, dh0
 
 
 def _prepare(k, v, g, beta, chunk, pallas_interpret=None, q=None):
@@ -269,31 +424,40 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     q, k, v, g, beta, h0 = res
     do, dht = cts
     t = q.shape[1]
-    if PALLAS_WY_BWD:
-        kp, _ = pad_time(k, chunk)
-        vp, _ = pad_time(v, chunk)
-        betap, _ = pad_time(beta, chunk)
-        gc, cumsum_vjp = None, None
-        if g is not None:
-            gc, cumsum_vjp = jax.vjp(lambda g_: chunk_cumsum(pad_time(g_, chunk)[0], chunk), g)
-        w, u = wy_factors_pallas(kp, vp, betap, gc, chunk, interpret=interpret)
-    else:
+    if WY_BWD not in _WY_BWDS or SWEEP not in _SWEEPS:
+        raise ValueError(f"WY_BWD must be one of {_WY_BWDS} and SWEEP one of {_SWEEPS}, got {WY_BWD!r}, {SWEEP!r}")
+    kp, _ = pad_time(k, chunk)
+    if WY_BWD == "jax_vjp":
         (w, u, gc), prep_vjp = jax.vjp(lambda k_, v_, g_, b_: _prepare(k_, v_, g_, b_, chunk), k, v, g, beta)
-        kp, _ = pad_time(k, chunk)
+    else:
+        vp, _ = pad_time(v, chunk)
+        betap, _ = pad_time(beta, chunk)  # beta = 0 on padding: padded tokens write nothing
+        gc, cumsum_vjp = None, None
+        if g is not None:  # g = 0 on padding: no decay
+            gc, cumsum_vjp = jax.vjp(lambda g_: chunk_cumsum(pad_time(g_, chunk)[0], chunk), g)
+        if WY_BWD == "pallas":
+            w, u = wy_factors_pallas(kp, vp, betap, gc, chunk, interpret=interpret)
+        else:
+            w, u, explicit_vjp = wy_factors_and_vjp(kp, vp, betap, gc, chunk, inverse=WY_BWD_INVERSE)
     qp, _ = pad_time(q, chunk)
     dop, _ = pad_time(do.astype(v.dtype), chunk)
     block_v = block_v if BWD_BLOCK_V is None else _pick_block_v(v.shape[-1], BWD_BLOCK_V)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
     _, _, states = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v,
                                 interpret=interpret, save_states=True)
-    dq, dk_direct, dw, du, dgc, dh0 = _run_backward(qp, kp, w, u, gc, states, dop, dht.astype(F32), chunk=chunk,
-                                                    scale=scale, block_v=block_v, interpret=interpret)
-    if PALLAS_WY_BWD:
-        dk_prep, dv, dbeta, dgc_prep = wy_factors_vjp_pallas(kp, vp, betap, gc, dw, du, chunk, interpret=interpret)
+    run_backward = _run_backward_split if SWEEP == "split" else _run_backward
+    dq, dk_direct, dw, du, dgc, dh0 = run_backward(qp, kp, w, u, gc, states, dop, dht.astype(F32), chunk=chunk,
+                                                   scale=scale, block_v=block_v, interpret=interpret)
+    if WY_BWD == "jax_vjp":
+        dk_prep, dv, dg, dbeta = prep_vjp((dw.astype(w.dtype), du.astype(u.dtype), dgc))
+    else:
+        if WY_BWD == "pallas":
+            dk_prep, dv, dbeta, dgc_prep = wy_factors_vjp_pallas(kp, vp, betap, gc, dw, du, chunk,
+                                                                 interpret=interpret)
+        else:
+            dk_prep, dv, dbeta, dgc_prep = explicit_vjp(dw, du)
         dv, dbeta = dv[:, :t], dbeta[:, :t]
         dg = None if g is None else cumsum_vjp(dgc + dgc_prep)[0]
-    else:
-        dk_prep, dv, dg, dbeta = prep_vjp((dw.astype(w.dtype), du.astype(u.dtype), dgc))
     dq = dq[:, :t].astype(q.dtype)
     dk = (dk_direct[:, :t] + dk_prep[:, :t].astype(F32)).astype(k.dtype)
     dg = None if g is None else dg.astype(g.dtype)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import delta_rule_wy as wy
-from pallas_kernels.common import chunk_cumsum, wy_factors
+from pallas_kernels.common import chunk_cumsum, unit_lower_inverse, wy_factors, wy_factors_and_vjp
 
 
 def _rel(a, b):
@@ -88,3 +88,48 @@ def test_bad_inputs_are_named():
         wy.wy_factors_pallas(k, v, beta, gc, 16, interpret=True, method="newton")
     with pytest.raises(ValueError, match="multiple of chunk"):
         wy.wy_factors_pallas(k, v, beta, gc, 32, interpret=True)
+
+
+# (chunk, gated, inverse, correlation of the keys): chunk 64 is the GPU case; 8 stays below the product-form base;
+# correlation 10 (keys nearly parallel, the plain rule's worst case) makes the inverse's alternating sums large.
+EXPLICIT_CASES = [(64, True, "blocked", 2.0), (64, False, "blocked", 10.0), (32, False, "solve", 2.0),
+                  (8, True, "blocked", 2.0)]
+
+
+@pytest.mark.parametrize("chunk,gated,inverse,corr", EXPLICIT_CASES)
+def test_explicit_xla_vjp_matches_jax_vjp_of_xla_preparation(chunk, gated, inverse, corr):
+    """common.wy_factors_and_vjp (T formed once, matmul-only VJP) against jax.vjp through the triangular solve."""
+    b, h, dk, dv = 1, 2, 16, 32
+    t = 2 * chunk
+    k, v, beta, gc, dw, du = _chunk_inputs(60 + chunk + gated, b, t, h, dk, dv, chunk, gated, correlated=False)
+    k = k + corr * k[:, :1]
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    args = (k, v, beta) + ((gc,) if gated else ())
+    (w_ref, u_ref), vjp = jax.vjp(lambda *a: wy_factors(*a[:3], a[3] if gated else None, chunk), *args)
+    want = vjp((dw, du)) + (() if gated else (None,))
+    w, u = jax.jit(lambda *a: wy_factors_and_vjp(*a, chunk, inverse=inverse)[:2])(k, v, beta, gc)
+    got = jax.jit(lambda k, v, beta, gc, dw, du: wy_factors_and_vjp(k, v, beta, gc, chunk, inverse)[2](dw, du))(
+        k, v, beta, gc, dw, du)
+    assert w.dtype == k.dtype and _rel(w, w_ref) < 1e-5 and _rel(u, u_ref) < 1e-5, (_rel(w, w_ref), _rel(u, u_ref))
+    for name, g_, w_ in zip(("dk", "dv", "dbeta", "dgc"), got, want):
+        if w_ is None:
+            assert g_ is None, name
+            continue
+        assert g_.shape == w_.shape and g_.dtype == jnp.float32, name
+        assert _rel(g_, w_) < 2e-5, (name, _rel(g_, w_))
+
+
+@pytest.mark.parametrize("c,base", [(64, 16), (48, 16), (12, 16), (64, 4)])
+def test_unit_lower_inverse_matches_triangular_solve(c, base):
+    a = jnp.tril(jax.random.uniform(jax.random.PRNGKey(c + base), (3, c, c), minval=-0.5, maxval=0.5), k=-1)
+    eye = jnp.broadcast_to(jnp.eye(c), a.shape)
+    want = jax.lax.linalg.triangular_solve(a + eye, eye, left_side=True, lower=True, unit_diagonal=True)
+    got = unit_lower_inverse(a, base)
+    assert _rel(got, want) < 1e-5, _rel(got, want)
+    assert _rel(got @ (a + eye), eye) < 1e-5  # a true inverse, not just agreeing with the solve
+
+
+def test_explicit_vjp_rejects_unknown_inverse():
+    k, v, beta, gc, _, _ = _chunk_inputs(3, 1, 16, 1, 16, 16, 16, True, correlated=False)
+    with pytest.raises(ValueError, match="inverse"):
+        wy_factors_and_vjp(k, v, beta, gc, 16, inverse="newton")
