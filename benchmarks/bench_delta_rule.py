@@ -3,13 +3,14 @@
   PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_delta_rule.py            # GPU, < 8 min on an H100
   PYTHONPATH=$PWD python3 benchmarks/bench_delta_rule.py --smoke                       # CPU dry run (interpret mode)
 
-Order: (1) smoke: ours vs a token-by-token float32 scan at a small shape (forward, final state, every gradient);
-(2) tune at the first shape (gated): the WY diagonal-block inverse (substitution vs product form; agreement with XLA's
-triangular solve first), the backward's WY preparation alone (XLA recompute + jax.vjp vs the Pallas WY + VJP kernels),
-then old vs new backward end to end (gradients compared first) and the new backward's V block / warps;
-(3) per shape (B1 T32768 H16 D128; B8 T4096; B1 T131072; B1 T32768 D256) x (gated, plain): ours' and FLA's outputs
-against the float32 scan, ours' gradients against FLA's, all BEFORE timing; then forward and forward+backward
-(gradients of sum(o * cot) in q, k, v, g, beta) medians (jax: block_until_ready per call; torch:
+Order: (1) smoke: ours (default backward) vs a token-by-token float32 scan at a small shape (forward, final state,
+every gradient); (2) backward variants at the first shape (gated): the WY preparation's backward alone (jax.vjp through
+XLA's triangular solve vs the explicit matmul-only VJP, blocked inverse and solve; agreement first), then fwd+bwd of
+every BWD_VARIANTS entry (old = round-3 default, new = explicit VJP + split sweep, each item alone, block/warp options;
+gradients compared with "new" before timing), the fastest agreeing one kept for (3); `--tune-forward` also re-times
+the WY inverses; (3) per shape (B1 T32768 H16 D128; B8 T4096; B1 T131072; B1 T32768 D256) x (gated, plain): ours' and
+FLA's outputs against the float32 scan, ours' gradients against FLA's, all BEFORE timing; then forward and
+forward+backward (gradients of sum(o * cot) in q, k, v, g, beta) medians (jax: block_until_ready per call; torch:
 triton.testing.do_bench median). FLA failures (its gated backward refused on Triton 3.6) are recorded, not fatal.
 Inputs [B,T,H,D] bf16: q, k L2-normalised, g = logsigmoid(N(0,1)), beta = U(0,1). Shapes past --budget-s are skipped
 (recorded). JSON to $OUT/bench_delta_rule.json, the table to stdout and $OUT/bench_delta_rule.md.
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels import delta_rule as pk  # noqa: E402
 from pallas_kernels import delta_rule_wy as wy  # noqa: E402
-from pallas_kernels.common import chunk_cumsum, pad_time, wy_factors  # noqa: E402
+from pallas_kernels.common import chunk_cumsum, wy_factors, wy_factors_and_vjp  # noqa: E402
 from bench_util import rel, time_jax  # noqa: E402
 
 START = time.time()
@@ -168,13 +169,34 @@ def tune_forward(shape, res):
     log("tune forward", name, res)
 
 
-def tune_backward(shape, res):
-    """The WY preparation's backward alone (old vs new), then old vs new backward end to end, then the new
-    backward's V block and warps (each setting's gradients checked against the default's first)."""
+# Backward variants timed against each other at the first shape (gated), gradients compared with "new" first.
+# Knob names are pallas_kernels.delta_rule module attributes; unspecified knobs keep the module defaults.
+BWD_VARIANTS = [
+    ("new", {}),  # explicit XLA WY VJP (blocked inverse) + split sweep: the defaults
+    ("old", {"WY_BWD": "jax_vjp", "SWEEP": "partials"}),  # the round-3 default (H100: 34.9 ms)
+    ("explicit+partials", {"SWEEP": "partials"}),  # item 1 alone (old vs this: item 1; this vs new: item 2)
+    ("new bwd_bv32", {"BWD_BLOCK_V": 32}),
+    ("new dqkw_w8", {"DQKW_WARPS": 8}),
+    ("new dqkw_bk128_bv64", {"DQKW_BLOCK_K": 128, "DQKW_BLOCK_V": 64, "DQKW_WARPS": 8}),
+]
+
+
+def set_knobs(knobs):
+    """Set pallas_kernels.delta_rule knobs; returns the previous values (to restore)."""
+    prev = {n: getattr(pk, n) for n in knobs}
+    for n, x in knobs.items():
+        setattr(pk, n, x)
+    return prev
+
+
+def compare_backward(shape, res, quick):
+    """The WY preparation's backward alone (jax.vjp through the triangular solve vs the explicit matmul VJP, both
+    inverses; agreement first), then every BWD_VARIANTS fwd+bwd (gradients vs "new" first), then the best kept."""
     name, b, t, h, d = shape
+    if t % CHUNK:
+        raise ValueError(f"compare_backward needs T a multiple of {CHUNK}, got {t}")
     x = make_inputs(b, t, h, d)
     q, k, v, g, beta, cot = device_inputs(x, True)
-    interp = jax.default_backend() not in ("gpu", "tpu")
     rng = np.random.default_rng(5)
     dw = jnp.asarray(rng.standard_normal(k.shape, dtype=np.float32))
     du = jnp.asarray(rng.standard_normal(v.shape, dtype=np.float32))
@@ -183,60 +205,56 @@ def tune_backward(shape, res):
         (w, u, _), vjp = jax.vjp(lambda k_, v_, g_, b_: pk._prepare(k_, v_, g_, b_, CHUNK), k, v, g, beta)
         return vjp((dw.astype(k.dtype), du.astype(v.dtype), jnp.zeros((b, h, t), jnp.float32))) + (w, u)
 
-    def prep_new(k, v, g, beta, dw, du):
-        gc, cvjp = jax.vjp(lambda g_: chunk_cumsum(pad_time(g_, CHUNK)[0], CHUNK), g)
-        w, u = wy.wy_factors_pallas(k, v, beta, gc, CHUNK, interpret=interp)  # the recompute, as in the backward
-        dk, dv, dbeta, dgc = wy.wy_factors_vjp_pallas(k, v, beta, gc, dw, du, CHUNK, interpret=interp)
-        return dk, dv, cvjp(dgc)[0], dbeta, w, u  # w, u returned so that the recompute is timed, not eliminated
+    def prep_explicit(inverse):
+        def fn(k, v, g, beta, dw, du):
+            gc, cvjp = jax.vjp(lambda g_: chunk_cumsum(g_, CHUNK), g)
+            w, u, vjp = wy_factors_and_vjp(k, v, beta, gc, CHUNK, inverse)
+            dk, dv, dbeta, dgc = vjp(dw, du)
+            return dk, dv, cvjp(dgc)[0], dbeta, w, u  # w, u returned so that the recompute is timed, not eliminated
+        return fn
 
-    if t % CHUNK:
-        raise ValueError(f"tune_backward needs T a multiple of {CHUNK}, got {t}")
+    reps = dict(reps=3, warmup=1) if quick else dict(reps=10, warmup=2)
     try:
-        old, new = jax.jit(prep_old), jax.jit(prep_new)
-        a, b_ = old(k, v, g, beta, dw, du)[:4], new(k, v, g, beta, dw, du)[:4]
-        res["prep_bwd_rel_err"] = {n: rel(y, x_) for n, x_, y in zip(("dk", "dv", "dg", "dbeta"), a, b_)}
-        res["prep_bwd_old_ms"] = time_jax(old, k, v, g, beta, dw, du, reps=10, warmup=3)
-        res["prep_bwd_new_ms"] = time_jax(new, k, v, g, beta, dw, du, reps=10, warmup=3)
+        old = jax.jit(prep_old)
+        want = old(k, v, g, beta, dw, du)[:4]
+        res["prep_bwd_old_ms"] = time_jax(old, k, v, g, beta, dw, du, **reps)
+        for inverse in ("blocked", "solve"):
+            fn = jax.jit(prep_explicit(inverse))
+            got = fn(k, v, g, beta, dw, du)[:4]
+            res[f"prep_bwd_{inverse}_rel_err"] = {n: rel(y, x_) for n, x_, y in zip(("dk", "dv", "dg", "dbeta"),
+                                                                                      want, got)}
+            res[f"prep_bwd_{inverse}_ms"] = time_jax(fn, k, v, g, beta, dw, du, **reps)
     except Exception as e:  # noqa: BLE001
         res["prep_bwd_error"] = err(e)
-    log("tune prep backward", {n: res[n] for n in res if n.startswith("prep_bwd")})
+    log("prep backward alone", {n: res[n] for n in res if n.startswith("prep_bwd")})
 
-    grads = {}
-    for label, pallas_bwd in (("new", True), ("old", False)):
-        pk.PALLAS_WY_BWD = pallas_bwd
-        _, fb = ours_fns(d, True)
+    grads, times = {}, {}
+    for label, knobs in BWD_VARIANTS:
+        if d % knobs.get("BWD_BLOCK_V", 1):  # the DQKW blocks fall back to the whole dimension by themselves
+            continue
+        prev = set_knobs(knobs)
         try:
-            grads[label] = fb(q, k, v, g, beta, cot)
-            res[f"fwdbwd_{label}_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=3)
-        except Exception as e:  # noqa: BLE001
-            res[f"fwdbwd_{label}_error"] = err(e)
-    pk.PALLAS_WY_BWD = True
-    if len(grads) == 2:
-        res["old_vs_new_grad_rel_err"] = {n: rel(a, b_) for n, a, b_ in zip(GRAD_NAMES, grads["new"], grads["old"])}
-    log("tune old vs new backward", {n: res[n] for n in res if n.startswith(("fwdbwd_", "old_vs"))})
-    if "new" not in grads:
-        pk.PALLAS_WY_BWD = False
-        return
-    best = (res["fwdbwd_new_ms"], None, pk.BWD_WARPS)
-    for bv in (32, 64):  # 16 (the forward's block) is fwdbwd_new
-        for warps in (4, 8):
-            if d % bv:
-                continue
-            pk.BWD_BLOCK_V, pk.BWD_WARPS = bv, warps
             _, fb = ours_fns(d, True)
-            key = f"fwdbwd_new_bwdbv{bv}_w{warps}"
-            try:
-                gr = fb(q, k, v, g, beta, cot)
-                res[key + "_grad_rel_err"] = max(rel(a, b_) for a, b_ in zip(gr, grads["new"]))
-                res[key + "_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=3)
-            except Exception as e:  # noqa: BLE001
-                res[key + "_error"] = err(e)
-                continue
-            if res[key + "_grad_rel_err"] < 1e-2 and res[key + "_ms"] < best[0]:
-                best = (res[key + "_ms"], bv, warps)
-    pk.BWD_BLOCK_V, pk.BWD_WARPS = best[1], best[2]
-    res["best_bwd"] = {"bwd_block_v": best[1], "bwd_warps": best[2], "fwdbwd_ms": best[0]}
-    log("tune backward", name, res["best_bwd"])
+            grads[label] = fb(q, k, v, g, beta, cot)
+            if label != "new" and "new" in grads:
+                res[f"grad_rel_err[{label} vs new]"] = {n: rel(a, b_) for n, a, b_ in
+                                                        zip(GRAD_NAMES, grads[label], grads["new"])}
+            times[label] = time_jax(fb, q, k, v, g, beta, cot, **({"reps": 2, "warmup": 1} if quick else reps))
+            res[f"fwdbwd[{label}]_ms"] = times[label]
+        except Exception as e:  # noqa: BLE001
+            res[f"fwdbwd[{label}]_error"] = err(e)
+        finally:
+            set_knobs(prev)
+        if label != "new":
+            grads.pop(label, None)  # keep only "new"'s gradients on the device
+        log(f"fwd+bwd {label}:", {n: res[n] for n in res if f"[{label}" in n})
+    ok = [lab for lab in times if lab == "new" or
+          max(res.get(f"grad_rel_err[{lab} vs new]", {"x": 1.0}).values()) < 2e-2]
+    if ok:
+        best = min(ok, key=times.get)
+        set_knobs(dict(BWD_VARIANTS)[best])
+        res["best_bwd"] = {"variant": best, "fwdbwd_ms": times[best]}
+        log("best backward variant (kept for the shapes below)", res["best_bwd"])
 
 
 def fla_fn(gated):
@@ -336,23 +354,29 @@ def table():
                      f"{ratio('ours_fwdbwd_ms', 'fla_fwdbwd_ms')} | {r.get('ours_rel_err', float('nan')):.1e} / "
                      f"{r.get('fla_rel_err', float('nan')):.1e} | "
                      f"{'-' if not gerr else f'{max(gerr.values()):.1e}'} |")
-    tune = [r for r in ROWS if r["kind"] == "tune"]
-    if tune:
-        t = {n: (round(x, 3) if isinstance(x, float) else x) for n, x in tune[0].items()}
-        lines.append("")
-        lines.append(f"Backward at {t['shape']} (gated): old (XLA recompute + jax.vjp) {t.get('fwdbwd_old_ms', '-')} ms"
-                     f" vs new (Pallas WY + VJP kernels) {t.get('fwdbwd_new_ms', '-')} ms fwd+bwd; WY preparation "
-                     f"backward alone {t.get('prep_bwd_old_ms', '-')} -> {t.get('prep_bwd_new_ms', '-')} ms; best "
-                     f"backward setting {t.get('best_bwd')}; WY inverse {t.get('wy_inverse')} "
-                     f"(substitution {t.get('wy_substitution_ms', '-')} ms, product {t.get('wy_product_ms', '-')} ms).")
+    for r in ROWS:
+        if r["kind"] != "tune":
+            continue
+        lines += ["", f"Backward variants at {r['shape']} (gated; fwd+bwd ms, max grad rel err vs new):", ""]
+        lines += ["| variant | fwd+bwd ms | max grad rel err vs new |", "|---|---|---|"]
+        for label, _ in BWD_VARIANTS:
+            ms = r.get(f"fwdbwd[{label}]_ms")
+            e = r.get(f"grad_rel_err[{label} vs new]")
+            lines.append(f"| {label} | {'-' if ms is None else f'{ms:.3f}'} | "
+                         f"{'-' if not e else f'{max(e.values()):.1e}'} |")
+        pb = {n: (round(x, 3) if isinstance(x, float) else x) for n, x in r.items() if n.startswith("prep_bwd")}
+        lines += ["", f"WY preparation backward alone: jax.vjp {pb.get('prep_bwd_old_ms', '-')} ms, explicit blocked "
+                  f"{pb.get('prep_bwd_blocked_ms', '-')} ms, explicit solve {pb.get('prep_bwd_solve_ms', '-')} ms; "
+                  f"best {r.get('best_bwd')}; WY inverse {r.get('wy_inverse', wy.WY_INVERSE)}."]
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", "--tiny", action="store_true", help="tiny shapes: a dry run of the script on CPU")
-    ap.add_argument("--no-tune", action="store_true")
-    ap.add_argument("--no-xla", action="store_true")
+    ap.add_argument("--no-tune", action="store_true", help="skip the backward variants")
+    ap.add_argument("--tune-forward", action="store_true", help="also time the WY inverses (product is the default)")
+    ap.add_argument("--xla", action="store_true", help="also time the pure-XLA chunk op at the first shape")
     ap.add_argument("--budget-s", type=float, default=400.0, help="skip the shapes not started by then")
     args = ap.parse_args()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -361,9 +385,10 @@ def main():
     save()
     if not args.no_tune:
         res = {"kind": "tune", "shape": shapes[0][0]}
-        for step in (tune_forward, tune_backward):
+        steps = ((tune_forward,) if args.tune_forward else ()) + (compare_backward,)
+        for step in steps:
             try:
-                step(shapes[0], res)
+                step(shapes[0], res) if step is tune_forward else step(shapes[0], res, args.smoke)
             except Exception as e:  # noqa: BLE001 - keep the rest of the run useful
                 res[f"{step.__name__}_error"] = err(e)
                 log(f"{step.__name__} failed:", err(e))
@@ -376,7 +401,7 @@ def main():
             ROWS.append({"kind": "bench", "op": op, "shape": shape[0], "error": "skipped: time budget"})
             continue
         try:
-            bench_shape(shape, gated, with_xla=not args.no_xla and i == 0)
+            bench_shape(shape, gated, with_xla=args.xla and i == 0)
         except Exception as e:  # noqa: BLE001 - keep the other shapes' numbers
             log(f"FAILED {shape[0]} {op}: {err(e)}")
             ROWS.append({"kind": "bench", "op": op, "shape": shape[0], "error": err(e)})

@@ -182,7 +182,8 @@ def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
 def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
     reverse and writes du' (d u'), u' (q's dtype), each chunk's dS (q's dtype: only ever used as a dot operand) and
-    e^{g_last} sum(dS * S0) per chunk and V block (the state part of d g_last). dq, dk, dw, dgc: _dqkw_kernel."""
+    e^{g_last} sum(dS * S0) per V block on each chunk's last row (the state part of d g_last; a vector store like the
+    other outputs). dq, dk, dw and the rest of dgc: _dqkw_kernel."""
     pl = pallas_module()
     refs = list(refs)
     q_ref, k_ref, w_ref, u_ref = refs[:4]
@@ -210,7 +211,7 @@ def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
         if gated:
             gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
             q_dec, k_dec, s_decay = q * jnp.exp(gcv)[:, None], k * jnp.exp(g_last - gcv)[:, None], jnp.exp(g_last)
-            dgs_ref[iv, b, h, c] = s_decay * jnp.sum(ds * s)
+            dgs_ref[iv, b, h, ts] = jnp.where(is_last, s_decay * jnp.sum(ds * s), 0.0)  # on the chunk's last row
         else:
             gamma_mat = jnp.where(causal, 1.0, 0.0)
             q_dec, k_dec, s_decay = q, k, 1.0
@@ -341,7 +342,7 @@ def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_
     out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), F32), jax.ShapeDtypeStruct((b, t, h, dv), cdt),
                  jax.ShapeDtypeStruct((b, h, n, dk, dv), cdt)]
     if gated:
-        out_shape.append(jax.ShapeDtypeStruct((nv, b, h, n), F32))
+        out_shape.append(jax.ShapeDtypeStruct((nv, b, h, t), F32))
     out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
     kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
     args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
@@ -364,9 +365,7 @@ def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_
     dq, dk_, dw = outs2[:3]
     dgc = None
     if gated:
-        # The state part of d g_last (summed over V blocks) lands on each chunk's last row.
-        dg_state = outs[3].sum(0)  # [B, H, N]
-        dgc = outs2[3].sum(0).reshape(b, h, n, chunk).at[..., chunk - 1].add(dg_state).reshape(b, h, t)
+        dgc = outs2[3].sum(0) + outs[3].sum(0)  # K-block parts + the state part of d g_last (per V block)
     return dq, dk_, dw, du, dgc, dh0
 
 
