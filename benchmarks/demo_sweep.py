@@ -217,10 +217,10 @@ def run_variant(name, memory, overrides, knobs, *, smoke, root, memory_impl="chu
     }
 
 
-def memory_ceiling(documents=12, heads=None):
+def memory_ceiling(documents=12, heads=None, teacher_dir=None):
     """What a linear memory reading the frozen attention's keys could retrieve at best (no training involved).
 
-    For every beyond-window answer of the shipped teacher, at the second layer's heads, with the teacher's own
+    For every beyond-window answer of the teacher in `teacher_dir` (an HF dir; default the shipped one), at the second layer's heads, with the teacher's own
     post-RoPE q/k/v (full-attention hidden states) and the tokens the memory holds (ops/window.memory_holds):
     the readout of (a) softmax attention over the held tokens (what the teacher does), (b) a delta rule (beta 0.5 or
     1) over all held tokens, (c) a delta rule that writes only the documents' evidence tokens (an oracle write gate),
@@ -241,7 +241,7 @@ def memory_ceiling(documents=12, heads=None):
     task = synthetic.TaskConfig(**dict(cfg.data.tasks))
     docs = [synthetic.generate_document(cfg.demo.seed, i, split="heldout", length=cfg.demo.length, config=task)
             for i in range(documents)]
-    model = load_pretrained(cfg.model.path, dtype="float32")
+    model = load_pretrained(teacher_dir or cfg.model.path, dtype="float32")
     ids = jnp.asarray(np.stack([d["input_ids"] for d in docs]))
     positions = default_positions(*ids.shape)
     x = model.model.embed_tokens(ids)
@@ -252,6 +252,7 @@ def memory_ceiling(documents=12, heads=None):
     q, k, v = (np.asarray(t, np.float64) for t in top.self_attn.project(top.input_layernorm(x), positions))
     dh = q.shape[-1]
     heads = range(q.shape[2]) if heads is None else heads
+    group = q.shape[2] // k.shape[2]  # GQA: query head h reads KV head h // group (jax/HF repeat order)
 
     def unit(a):
         return a / np.linalg.norm(a, axis=-1, keepdims=True)
@@ -272,7 +273,7 @@ def memory_ceiling(documents=12, heads=None):
             t = int(a) - 1
             held = np.nonzero(np.asarray(memory_holds(t, np.arange(t + 1), W, S)))[0]
             for h in heads:
-                kh, vh, qh = k[b, held, h % k.shape[2]], v[b, held, h % v.shape[2]], q[b, t, h]
+                kh, vh, qh = k[b, held, h // group], v[b, held, h // group], q[b, t, h]
                 target, others = vh[held == e][0], vh[held != e]
                 logits = kh @ qh / np.sqrt(dh)
                 p = np.exp(logits - logits.max())
