@@ -12,14 +12,14 @@ Shared by all layers: ring_pos [B, R] int32 (absolute position held by each slot
 (tokens consumed so far = the position of the next token).
 
 KV buffers are head-major ([B, Hkv, tokens, D]) so decode attention is a plain batched matmul over (B, Hkv) with no
-transposed copy of the cache. The hybrid student has R = window + 1: a decode step first writes the new token into its
-slot and only then reads the buffers (attention, and the evicted token t - W for the memory, which sits in the slot
-AFTER the new one's), so each step reads only what it wrote and XLA updates every donated buffer in place (a read of
-the old buffer before an in-place write makes XLA copy the whole buffer). The spare slot holds a token that has just
-left the window; the mask (ops/window.py) hides it. The teacher (full attention) uses the same structure with S = 0, no memory and
-R = max_length, so its "ring" is a growing full KV cache (slot = position) in a fixed-size buffer. Every shape depends
-on (batch, S, R, model dims) only, never on how many tokens were consumed: `cache_nbytes` is the same for a 1k and a
-100k context.
+transposed copy of the cache. The hybrid student has R = window + 1 slots (large rings rounded up: ring_slots): a
+decode step first writes the new token into its slot and only then reads the buffers (attention, and the evicted token
+t - W for the memory, which R >= W + 1 keeps in its slot), so each step reads only what it wrote and XLA updates every
+donated buffer in place (a read of the old buffer before an in-place write makes XLA copy the whole buffer). Slots
+holding tokens that have left the window are hidden by the mask (ops/window.py). The teacher (full attention) uses the
+same structure with S = 0, no memory and R = max_length (rounded up alike), so its "ring" is a growing full KV cache
+(slot = position) in a fixed-size buffer. Every shape depends on (batch, S, R, model dims) only, never on how many
+tokens were consumed: `cache_nbytes` is the same for a 1k and a 100k context.
 """
 
 from __future__ import annotations
@@ -98,6 +98,22 @@ def _gate_buffers(mem, batch: int, slots: int, hidden: int, dtype):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+# Large rings are rounded up to a multiple of RING_ALIGN slots. Measured on an H100 (benchmarks/RESULTS.md): with
+# R = 32641 or 131134 slots XLA pads the K and V buffers for the attention matmuls in every decode step (a copy of the
+# whole ring, 1.75 ms of a 9 ms step at 128k), and decode attention splits the key axis into blocks that must divide R.
+# The extra slots only ever hold tokens that have left the window (masked). Small rings (tests, tiny models) keep
+# R = W + 1 so that wrapping is exercised early.
+RING_ALIGN = 512
+RING_ALIGN_FROM = 4096
+
+
+def ring_slots(needed: int) -> int:
+    """Slots of a ring that must hold `needed` tokens (window + 1, or a teacher's max_length)."""
+    if needed <= RING_ALIGN_FROM:
+        return needed
+    return -(-needed // RING_ALIGN) * RING_ALIGN
+
+
 def init_cache(model, batch: int, *, teacher: bool = False, max_length: int | None = None) -> InferenceCache:
     """An empty cache for `batch` sequences.
 
@@ -115,9 +131,9 @@ def init_cache(model, batch: int, *, teacher: bool = False, max_length: int | No
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError("init_cache: the teacher (full attention) cache needs max_length (an int >= 1): the "
                              f"largest number of tokens (prompt + generated) it will hold; got {max_length!r}")
-        window, sinks, slots = None, 0, max_length
+        window, sinks, slots = None, 0, ring_slots(max_length)
     else:
-        window, sinks, slots = ahn.window, ahn.sinks, ahn.window + 1  # + 1: see the module docstring
+        window, sinks, slots = ahn.window, ahn.sinks, ring_slots(ahn.window + 1)  # + 1: see the module docstring
     kv = lambda n: jnp.zeros((batch, c.num_key_value_heads, n, c.head_dim), dtype)  # noqa: E731
     layers = []
     for i in range(c.num_hidden_layers):

@@ -11,7 +11,7 @@ Every step (a prefill chunk of Tc tokens, or one decode token) runs each layer a
     store the new tokens: position p < S -> sink slot p; else ring slot (p - S) % R
 Before the window is full nothing is evicted and no token is dropped (unlike the reference, spec/AHN.md §10.1 #1-2).
 
-Decode writes first, then reads (cache.py: R = W + 1): the new token goes into its slot of the donated buffers
+Decode writes first, then reads (cache.py: R >= W + 1): the new token goes into its slot of the donated buffers
 (a per-sequence scatter, updated in place), then attention and the memory's read of the evicted token use the written
 buffers. Nothing copies the window: no concatenation of [sinks | ring | new], no repeated KV heads (grouped-query
 attention reshapes q to [B, Hkv, G, D] against K [B, Hkv, R, D]), no select over whole buffers (a sequence that is not
@@ -39,6 +39,10 @@ from ahn_jax.models.hybrid import finish_layer
 from ahn_jax.ops.window import attention_visible, evicted_position, first_memory_query
 
 DEFAULT_PREFILL_CHUNK = 4096
+# Prefill attends in tiles of this many queries (lax.map): block_attention materialises float32 scores of
+# [queries x keys], which for a 4096-token chunk over a 32k ring is ~8.6 GB per layer; a 256-query tile keeps it
+# ~0.6 GB (and for the teacher at 128k context ~2 GB) at the cost of a sequential loop over the tiles.
+PREFILL_QUERY_TILE = 256
 # Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
 # are zeroed explicitly.
 _MASKED = -1e30
@@ -114,22 +118,65 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
     window = jnp.iinfo(jnp.int32).max if window is None else window
     scale = jnp.float32(d ** -0.5 if scale is None else scale)
     qg = q.reshape(B, tq, hkv, hq // hkv, d)
-    scores, masks = [], []
-    for k, _, k_pos, k_valid in blocks:
+    # Per block and per key split: the split's own row max m, sum of exp (den) and weighted values (num); combined
+    # below with one global max. Splitting the key axis (flash-decoding) matters for decode: one query per head gives
+    # XLA only B * Hq rows to reduce over, so a 131k-key softmax ran on 16 thread blocks (H100 profile,
+    # benchmarks/RESULTS.md); with splits of L keys there are B * Hq * N / L rows.
+    parts = []
+    for k, v, k_pos, k_valid in blocks:
+        n = k.shape[2]
+        length = _key_split(n, B * hq * tq)
+        ns = n // length
         mask = attention_visible(q_pos[:, :, None], k_pos[:, None, :], window, sinks) & k_valid[:, None, :]
-        mask = mask[:, None, None]  # [B, 1, 1, Tq, N]
-        s = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
-        scores.append(jnp.where(mask, s, _MASKED))
-        masks.append(mask)
-    # One shared row maximum over all blocks: the blocks are parts of one softmax, no per-block rescaling needed.
-    row_max = functools.reduce(jnp.maximum, [jnp.max(s, axis=-1, keepdims=True) for s in scores])
-    num, den = 0.0, 0.0
-    for s, mask, (_, v, _, _) in zip(scores, masks, blocks):
-        p = jnp.where(mask, jnp.exp(s - row_max), 0.0)
-        den = den + jnp.sum(p, axis=-1, keepdims=True)
-        num = num + jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        mask = mask.reshape(B, 1, 1, tq, ns, length)
+        ks, vs = k.reshape(B, hkv, ns, length, d), v.reshape(B, hkv, ns, length, d)
+        sc = jnp.einsum("bqhgd,bhsnd->bhgqsn", qg, ks, preferred_element_type=jnp.float32) * scale
+        sc = jnp.where(mask, sc, _MASKED)
+        m = jnp.max(sc, axis=-1)  # [B, Hkv, G, Tq, ns]
+        p = jnp.where(mask, jnp.exp(sc - m[..., None]), 0.0)
+        num = jnp.einsum("bhgqsn,bhsnd->bhgqsd", p.astype(v.dtype), vs, preferred_element_type=jnp.float32)
+        parts.append((m, jnp.sum(p, axis=-1), num))
+    # Fully masked splits have m = _MASKED and p = 0: their weight exp(m - top) is 0, or 1 times den = 0.
+    top = functools.reduce(jnp.maximum, [jnp.max(m, axis=-1) for m, _, _ in parts])[..., None]  # [B, Hkv, G, Tq, 1]
+    den = sum(jnp.sum(dn * jnp.exp(m - top), axis=-1) for m, dn, _ in parts)  # [B, Hkv, G, Tq]
+    num = sum(jnp.sum(nm * jnp.exp(m - top)[..., None], axis=-2) for m, _, nm in parts)  # [B, Hkv, G, Tq, D]
+    den = den[..., None]
     out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [B, Hkv, G, Tq, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, tq, hq, d).astype(q.dtype)
+
+
+# Decode attention splits a block's keys into pieces of one of these lengths when it has few query rows (below) and
+# the piece divides the block (cache.ring_slots makes large rings multiples of 512).
+KEY_SPLITS = (512, 256)
+SPLIT_BELOW_ROWS = 1024
+
+
+def _key_split(n, rows):
+    """Keys per split for a block of n keys read by `rows` query rows (B * Hq * Tq): n (no split) unless the rows are
+    few and a KEY_SPLITS length divides n into at least 2 pieces."""
+    if rows >= SPLIT_BELOW_ROWS:
+        return n
+    for length in KEY_SPLITS:
+        if n % length == 0 and n >= 2 * length:
+            return length
+    return n
+
+
+def tiled_block_attention(q, blocks, q_pos, *, window, sinks, tile, scale=None):
+    """block_attention over query tiles of `tile` rows (sequentially, lax.map), so the score buffers hold tile x keys
+    instead of Tq x keys; the same result (each query's softmax is independent of the other queries). Shapes as in
+    block_attention; Tq need not be a multiple of tile (padded queries are computed and dropped)."""
+    B, tq = q.shape[:2]
+    if tq <= tile:
+        return block_attention(q, blocks, q_pos, window=window, sinks=sinks, scale=scale)
+    n = -(-tq // tile)
+    pad = n * tile - tq
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_pos, ((0, 0), (0, pad)), mode="edge")
+    tiles = lambda a: jnp.moveaxis(a.reshape((B, n, tile) + a.shape[2:]), 1, 0)  # noqa: E731 - [n, B, tile, ...]
+    out = jax.lax.map(lambda qt: block_attention(qt[0], blocks, qt[1], window=window, sinks=sinks, scale=scale),
+                      (tiles(qp), tiles(pp)))
+    return jnp.moveaxis(out, 0, 1).reshape((B, n * tile) + q.shape[2:])[:, :tq]
 
 
 def _slots(cache: InferenceCache, positions):
@@ -154,7 +201,7 @@ def _vmapped_step(mem, q_t, k_t, v_t, gates_t, u_t, state):
 
 def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks):
     """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
-    the written buffers (the evicted token t - W is still in its slot: R = W + 1). Reads only the evicted slot.
+    the written buffers (the evicted token t - W is still in its slot: R >= W + 1). Reads only the evicted slot.
     Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
@@ -224,7 +271,7 @@ def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx):
 
 
 def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring_idx, sink_idx, ring_pos, lengths,
-           active, *, decoding, first_valid):
+           active, *, decoding, first_valid, q_tile):
     """One decoder layer. ring_pos [B, R] / lengths [B]: the slots' positions and token counts the attention sees
     (decode: after this step's write; prefill: before it)."""
     attn = layer.self_attn
@@ -251,7 +298,7 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
     heads_major = lambda t: jnp.swapaxes(t, 1, 2).astype(lc.ring_k.dtype)  # noqa: E731 - the chunk as a key block
     blocks = [(lc.sink_k, lc.sink_v, sink_pos, sink_valid), (lc.ring_k, lc.ring_v, ring_pos, ring_pos >= 0),
               (heads_major(k), heads_major(v), positions, jnp.ones((B, tc), bool))]
-    o = block_attention(q, blocks, positions, window=cache.window, sinks=s)
+    o = tiled_block_attention(q, blocks, positions, window=cache.window, sinks=s, tile=q_tile)
     state, new_gates, y = lc.memory, None, None
     if mem is not None:
         y, state, new_gates = _memory_prefill(mem, lc, q, k, v, u, lengths[0], first_valid, cache.window, s)
@@ -260,7 +307,8 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
     return x, new._replace(memory=state)
 
 
-def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, first_valid, all_logits):
+def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, first_valid, all_logits,
+             q_tile=PREFILL_QUERY_TILE):
     """ids [B, Tc] at positions cache.lengths + i -> (logits [B, Tc or 1, V] float32, new cache). active [B] bool or
     None (decode only): a sequence marked False consumes nothing (its writes are dropped, its state kept)."""
     model = nnx.merge(graphdef, state)
@@ -283,7 +331,7 @@ def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, f
     layers = []
     for i, layer in enumerate(base.model.layers):
         x, lc = _layer(layer, memories.get(i), cache.layers[i], cache, x, positions, ring_idx, sink_idx, seen_pos,
-                       seen_len, active, decoding=decoding, first_valid=first_valid)
+                       seen_len, active, decoding=decoding, first_valid=first_valid, q_tile=q_tile)
         layers.append(lc)
     h = base.model.norm(x if all_logits else x[:, -1:])
     logits = base.logits(h)
@@ -297,14 +345,37 @@ def _jitted(graphdef, state_treedef, backend: str):
     Why not jit(_forward) with a static graphdef and the nnx.State: every call would hash the GraphDef and flatten
     the State in Python, several ms per token for a 36-layer model (measured on CPU), more than the whole step's
     device time at batch 1. Here both are done once per Decoder; jit's C++ path flattens the list."""
-    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits):
+    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile):
         return _forward(graphdef, jax.tree.unflatten(state_treedef, leaves), cache, ids, active, decoding=decoding,
-                        first_valid=first_valid, all_logits=all_logits)
+                        first_valid=first_valid, all_logits=all_logits, q_tile=q_tile)
 
     # Donating the cache lets XLA update the ring in place; the CPU backend is left without donations so callers may
     # keep using a cache they passed in (tests compare caches).
     donate = () if backend == "cpu" else (1,)
-    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits"), donate_argnums=donate)
+    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits", "q_tile"),
+                   donate_argnums=donate)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int):
+    """`steps` greedy decode steps in one compiled loop (lax.fori_loop): each step feeds the argmax of its logits to
+    the next. One dispatch per `steps` tokens instead of one per token (at batch 1 the per-call host work, e.g. XLA
+    updating the step's CUDA graph, is of the order of the step's device time)."""
+    def loop(leaves, cache, ids):
+        state = jax.tree.unflatten(state_treedef, leaves)
+
+        def body(i, carry):
+            ids, out, cache = carry
+            logits, cache = _forward(graphdef, state, cache, ids, None, decoding=True, first_valid=0,
+                                     all_logits=False)
+            ids = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+            return ids, out.at[:, i].set(ids[:, 0]), cache
+
+        out = jnp.zeros((ids.shape[0], steps), jnp.int32)
+        _, out, cache = jax.lax.fori_loop(0, steps, body, (ids, out, cache))
+        return out, cache
+
+    return jax.jit(loop, donate_argnums=() if backend == "cpu" else (1,))
 
 
 class Decoder:
@@ -335,8 +406,9 @@ class Decoder:
         return init_cache(self.model, batch, teacher=self.teacher, max_length=max_length)
 
     def _call(self, cache, ids, active=None, *, decoding, first_valid=0, all_logits=False):
+        # The tile is read per call (a static argument: changing PREFILL_QUERY_TILE recompiles, never goes stale).
         return self._fn(self._leaves, cache, ids, active, decoding=decoding, first_valid=first_valid,
-                        all_logits=all_logits)
+                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE)
 
     def prefill(self, input_ids, lengths=None, *, chunk=None, max_length=None, return_all_logits=False):
         """input_ids [B, T] int (right-padded), lengths [B] (default T) -> (logits_last [B, V] float32, cache), or
@@ -388,6 +460,16 @@ class Decoder:
         The caller makes sure a teacher cache has room (decode checks it by reading lengths back, which waits for
         the previous step to finish)."""
         return self._call(cache, token_ids, decoding=True)
+
+    def greedy(self, token_ids, cache: InferenceCache, steps: int):
+        """`steps` greedy tokens in one device loop with no host synchronisation inside: token_ids [B, 1] int32, the
+        next token to feed -> (generated ids [B, steps] int32, cache). Generated token i is the argmax of the logits
+        after feeding token i - 1 (token 0: after token_ids). No stop tokens, no input checks (as `step`)."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"greedy: steps must be an int >= 1, got {steps!r}")
+        treedef = jax.tree.structure(self.state)
+        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps)
+        return fn(self._leaves, cache, token_ids)
 
     def decode(self, token_ids, cache: InferenceCache, *, active=None):
         """token_ids [B] or [B, 1] int -> (logits [B, V] float32, cache). active [B] bool (optional): sequences
