@@ -10,11 +10,15 @@ weights, a gated_deltanet memory with non-zero output projection. For each conte
     cache estimate exceeds 85% of device memory are reported as skipped with the estimate (full KV at 128k x 32:
     ~154 GB). Timings: median of --repeats loops of --steps pipelined steps (Decoder.step: no host sync per token).
   - floor: (weights + cache bytes) / --bandwidth-tbs, what a step must at least read.
-Peak memory of ONE real 128k-token prefill (batch 1, chunked) is measured with the device's memory stats, for the
-hybrid and (unless --skip-full-prefill) the full-attention model.
+Peak memory of real prefills (batch 1, chunked; attention in query tiles, decode.PREFILL_QUERY_TILE): the hybrid at
+--prefill-length / 4, / 2 and itself (a constant peak shows it does not grow with the prompt), then (unless
+--skip-full-prefill) the full-attention model at --prefill-length; each with the device's running peak, the peak above
+the weights, and XLA's compiled plan for one chunk step.
 
---profile: at the hybrid (first window, largest context, --profile-batch) a jax.profiler trace of 5 steps copied flat
-to $OUT/decode_profile_*.xplane.pb, the step time split into attention-only (every layer's sink + ring blocks) and
+--profile: at the hybrid (first window, largest context, --profile-batch) and at the full-KV model (same point) a
+jax.profiler trace of 5 steps, summarised per GPU stream (trace_summary.py: kernels per step, busy fraction, costliest
+kernels; --keep-trace also copies the raw trace to $OUT), the time per token of Decoder.greedy (--greedy-steps tokens
+per dispatch: what is left when the host's per-call work is amortised), the hybrid's step time split into attention-only (every layer's sink + ring blocks) and
 the rest, and the number of ring-sized copies in the compiled donated step (0 = in place; on CPU, bf16 buffers are
 updated through float32 and show up as copies, so only the GPU count means anything).
 
@@ -128,12 +132,49 @@ def time_decode(dec, cache, steps, repeats):
     return float(np.median(times)), cache
 
 
+def time_greedy(dec, cache, steps, repeats=3):
+    """Seconds per token of Decoder.greedy: `steps` greedy tokens in one compiled device loop (one dispatch per
+    `steps` tokens), median of `repeats` calls after a compiling call. -> (seconds per token, cache)."""
+    tokens = jnp.zeros((cache.batch, 1), jnp.int32)
+    out, cache = dec.greedy(tokens, cache, steps)
+    out.block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out, cache = dec.greedy(tokens, cache, steps)
+        out.block_until_ready()
+        times.append((time.perf_counter() - start) / steps)
+    return float(np.median(times)), cache
+
+
 def peak_bytes():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
-def measure_prefill(dec, length, chunk):
+def compiled_prefill_bytes(dec, length, chunk):
+    """What XLA plans for one prefill chunk step, from the compiled step's memory analysis (independent of what the
+    process did before, unlike the device's running peak): arguments (weights + cache + ids) + outputs + temporaries
+    - donated/aliased bytes. -> dict of byte counts, or {} where the backend gives no analysis."""
+    from ahn_jax.inference.decode import PREFILL_QUERY_TILE
+
+    cache = jax.eval_shape(lambda: dec.init_cache(1, length + 1 if dec.teacher else None))
+    ids = jax.ShapeDtypeStruct((1, min(chunk, length)), jnp.int32)
+    compiled = dec._fn.lower(dec._leaves, cache, ids, None, decoding=False, first_valid=0, all_logits=False,
+                             q_tile=PREFILL_QUERY_TILE).compile()
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return {}
+    out = {k: int(getattr(ma, k + "_size_in_bytes", 0)) for k in ("argument", "output", "temp", "alias")}
+    out["step_total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def measure_prefill(dec, length, chunk, weight_bytes):
+    """One real prefill of `length` random tokens (batch 1). peak_bytes is the device's running peak (it never goes
+    down, so measure in increasing order of expected peak); compiled_* is XLA's plan for one chunk step."""
+    from ahn_jax.inference.cache import cache_nbytes
+
     ids = np.random.default_rng(1).integers(0, 500, size=(1, length)).astype(np.int32)
     before = peak_bytes()
     start = time.perf_counter()
@@ -141,7 +182,10 @@ def measure_prefill(dec, length, chunk):
     logits.block_until_ready()
     seconds = time.perf_counter() - start
     out = {"length": length, "chunk": chunk, "seconds_incl_compile": seconds, "peak_bytes": peak_bytes(),
-           "peak_bytes_before": before}
+           "peak_bytes_before": before, "weights_bytes": weight_bytes, "cache_bytes": cache_nbytes(cache),
+           "compiled_chunk_step": compiled_prefill_bytes(dec, length, chunk)}
+    if out["peak_bytes"] is not None:
+        out["peak_above_weights_bytes"] = out["peak_bytes"] - weight_bytes
     del logits, cache
     return out
 
@@ -186,27 +230,33 @@ def ring_copies(dec, cache):
                if ("copy(" in line or "copy-start(" in line) and f"[{ring}]" in line.split("=", 1)[-1][:60])
 
 
-def profile_decode(dec, cache, out_dir, tag):
-    """A jax.profiler trace of 5 decode steps, copied flat into out_dir as decode_profile_<tag>*.xplane.pb (open with
-    xprof / TensorBoard's profile plugin)."""
+def profile_decode(dec, cache, out_dir, tag, keep_trace=False):
+    """A jax.profiler trace of 5 decode steps, summarised (trace_summary.py: per GPU stream the kernels per step,
+    their time, the busy fraction of the step's span, the costliest kernels). keep_trace: also copy the raw trace into
+    out_dir as decode_profile_<tag>*.xplane.pb (xprof / TensorBoard; large)."""
     import glob
     import shutil
     import tempfile
 
+    from trace_summary import summarize_dir
+
+    steps = 5
     tokens = jnp.zeros((cache.batch, 1), jnp.int32)
     logits, cache = dec.step(tokens, cache)
     logits.block_until_ready()
     written = []
     with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(5):
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
                 logits, cache = dec.step(tokens, cache)
             logits.block_until_ready()
-        for i, f in enumerate(sorted(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True))):
-            dst = os.path.join(out_dir, f"decode_profile_{tag}{'' if i == 0 else f'_{i}'}.xplane.pb")
-            shutil.copyfile(f, dst)
-            written.append(dst)
-    return written, cache
+        summary = summarize_dir(tmp, steps=steps)
+        if keep_trace:
+            for i, f in enumerate(sorted(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True))):
+                dst = os.path.join(out_dir, f"decode_profile_{tag}{'' if i == 0 else f'_{i}'}.xplane.pb")
+                shutil.copyfile(f, dst)
+                written.append(dst)
+    return summary, written, cache
 
 
 def main(argv=None):
@@ -227,6 +277,9 @@ def main(argv=None):
                    help="at the hybrid (first window, largest context, --profile-batch): a trace of 5 steps in $OUT, "
                         "the attention-only time and the count of ring copies in the compiled step")
     p.add_argument("--profile-batch", type=int, default=1)
+    p.add_argument("--greedy-steps", type=int, default=32,
+                   help="with --profile: also time Decoder.greedy, this many tokens per compiled device loop")
+    p.add_argument("--keep-trace", action="store_true", help="with --profile: also copy the raw trace into $OUT")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="for the bandwidth floor column (H100 SXM)")
     p.add_argument("--smoke", action="store_true", help="tiny dims, 2 layers, short contexts: checks the script on CPU")
     args = p.parse_args(argv)
@@ -247,7 +300,7 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
-    result = {"device": str(device), "jax": jax.__version__, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+    result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],
@@ -256,16 +309,21 @@ def main(argv=None):
     start_all = time.perf_counter()
 
     if args.prefill_length:
+        # Increasing order of expected peak (the device's peak counter only grows): hybrid at each length, then full.
         hybrid = Decoder(build_hybrid(base, windows[0], args.sinks))
-        result["prefill"]["hybrid"] = measure_prefill(hybrid, args.prefill_length, args.prefill_chunk)
-        print("prefill hybrid", result["prefill"]["hybrid"], flush=True)
+        for length in sorted({min(n, args.prefill_length) for n in (args.prefill_length // 4, args.prefill_length // 2,
+                                                                      args.prefill_length)}):
+            r = measure_prefill(hybrid, length, args.prefill_chunk, weight_bytes)
+            result["prefill"][f"hybrid_{length}"] = r
+            print("prefill hybrid", r, flush=True)
         del hybrid
         if not args.skip_full_prefill:
             try:
-                result["prefill"]["full"] = measure_prefill(full, args.prefill_length, args.prefill_chunk)
+                r = measure_prefill(full, args.prefill_length, args.prefill_chunk, weight_bytes)
             except Exception as e:  # noqa: BLE001 - an OOM is a result here
-                result["prefill"]["full"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print("prefill full", result["prefill"]["full"], flush=True)
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            result["prefill"][f"full_{args.prefill_length}"] = r
+            print("prefill full", r, flush=True)
 
     def run_row(name, dec, window, context, batch):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
@@ -293,6 +351,16 @@ def main(argv=None):
     for context in contexts:
         for batch in batches:
             run_row("full", full, None, context, batch)
+    if args.profile:  # the full-KV model at the same point, for comparison (its own cache must fit)
+        context = max(contexts)
+        if cache_bytes_estimate(full, args.profile_batch, context, 8) <= limit:
+            cache = random_cache(full, args.profile_batch, context, 8, jax.random.key(8))
+            summary, _, cache = profile_decode(full, cache, out_dir, f"full_b{args.profile_batch}")
+            greedy_s, cache = time_greedy(full, cache, args.greedy_steps)
+            result["profile_full"] = {"context": context, "batch": args.profile_batch, "trace_summary": summary,
+                                      f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
+            del cache
+            print("profile full", json.dumps(summary)[:2000], flush=True)
     for window in windows:
         hybrid = Decoder(build_hybrid(base, window, args.sinks))
         for context in contexts:
@@ -300,15 +368,19 @@ def main(argv=None):
                 run_row("hybrid", hybrid, window, context, batch)
         if args.profile and window == windows[0]:
             cache = random_cache(hybrid, args.profile_batch, max(contexts), 8, jax.random.key(9))
-            files, cache = profile_decode(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}")
+            summary, files, cache = profile_decode(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}",
+                                                   args.keep_trace)
             step_s, cache = time_decode(hybrid, cache, args.steps, 1)
+            greedy_s, cache = time_greedy(hybrid, cache, args.greedy_steps)
             attn_s = attention_only_seconds(hybrid, cache, args.steps)
             result["profile"] = {"window": window, "context": max(contexts), "batch": args.profile_batch,
-                                 "trace_files": files, "step_ms": 1e3 * step_s, "attention_only_ms": 1e3 * attn_s,
+                                 "trace_files": files, "trace_summary": summary, "step_ms": 1e3 * step_s,
+                                 "attention_only_ms": 1e3 * attn_s,
                                  "rest_ms (weights, memory, writes)": 1e3 * (step_s - attn_s),
-                                 "ring_copies_in_compiled_step": ring_copies(hybrid, cache)}
+                                 "ring_copies_in_compiled_step": ring_copies(hybrid, cache),
+                                 f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
             del cache
-            print("profile", result["profile"], flush=True)
+            print("profile", json.dumps(result["profile"])[:3000], flush=True)
         del hybrid
 
     save()
@@ -340,10 +412,12 @@ def print_table(result, args, device):
         print(f"{r['kind']:8} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
               f"{r['cache_bytes'] / gib:10.2f} {r['floor_ms']:9.2f} {tail}")
     for name, r in result["prefill"].items():
-        if "peak_bytes" in r and r["peak_bytes"] is not None:
-            print(f"prefill {name}: {r['length']} tokens, chunk {r['chunk']}: peak {r['peak_bytes'] / gib:.2f} GiB "
-                  f"(weights {result['weights_bytes'] / gib:.2f} GiB), {r['seconds_incl_compile']:.1f} s incl. "
-                  "compile")
+        if r.get("peak_bytes") is not None:
+            plan = r.get("compiled_chunk_step", {}).get("step_total")
+            print(f"prefill {name}: chunk {r['chunk']}: device peak {r['peak_bytes'] / gib:.2f} GiB, above the weights "
+                  f"{r['peak_above_weights_bytes'] / gib:.2f} GiB (cache {r['cache_bytes'] / gib:.2f} GiB); "
+                  f"compiled chunk step {'-' if plan is None else f'{plan / gib:.2f}'} GiB; "
+                  f"{r['seconds_incl_compile']:.1f} s incl. compile")
         else:
             print(f"prefill {name}: {r}")
     if result["profile"]:
