@@ -216,11 +216,16 @@ def train(cfg, workdir, *, data_iter_factory, peak_flops: float | None = None, p
 
 
 def export_memory(model, path):
-    """Write the trained memory as an AHN-only safetensors file (the released checkpoints' names)."""
-    from ahn_jax.hf.ahn_names import export_ahn_weights
+    """Write the trained memory as an AHN-only safetensors file (the released checkpoints' names) -> True, or log a
+    warning and return False for a memory kind without released names (AllMem)."""
+    from ahn_jax.hf.ahn_names import NAME_MAP, export_ahn_weights
 
-    try:
-        export_ahn_weights(path, model.memories_by_layer())
-        log.info("exported the memory to %s", path)
-    except NotImplementedError as e:  # e.g. AllMem has no released name map
-        log.warning("memory not exported as AHN-only safetensors: %s", e)
+    memories = model.memories_by_layer()
+    kinds = sorted({getattr(m, "kind", type(m).__name__) for m in memories.values()})
+    if not set(kinds) <= set(NAME_MAP):  # AllMem (ttt_mlp) has no released checkpoint layout to write
+        log.warning("memory kind %s has no released AHN names: not exported as AHN-only safetensors (the Orbax "
+                    "checkpoint in the workdir holds it)", kinds)
+        return False
+    export_ahn_weights(path, memories)
+    log.info("exported the memory to %s", path)
+    return True
