@@ -43,6 +43,10 @@ DEFAULT_PREFILL_CHUNK = 4096
 # [queries x keys], which for a 4096-token chunk over a 32k ring is ~8.6 GB per layer; a 256-query tile keeps it
 # ~0.6 GB (and for the teacher at 128k context ~2 GB) at the cost of a sequential loop over the tiles.
 PREFILL_QUERY_TILE = 256
+# The DeltaNet / Gated DeltaNet decode memory step as one Pallas kernel per layer (pallas_kernels/memory_decode.py)
+# instead of ~20 small XLA kernels (benchmarks/RESULTS.md, "Third version"); interpret mode off the GPU. Off until timed
+# on the GPU. Read per call and passed to the jitted step as a static argument (flipping it recompiles, never stale).
+FUSED_MEMORY_DECODE = False
 # Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
 # are zeroed explicitly.
 _MASKED = -1e30
@@ -199,10 +203,33 @@ def _vmapped_step(mem, q_t, k_t, v_t, gates_t, u_t, state):
     return jax.vmap(one)(q_t, k_t, v_t, gates_t, u_t, state)
 
 
-def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks):
+def fuses_memory_decode(mem) -> bool:
+    """Whether the fused Pallas decode step (FUSED_MEMORY_DECODE) covers this memory: AHN-DN / AHN-GDN fed the
+    evicted tokens. Mamba2 and AllMem keep the XLA path."""
+    from ahn_jax.models.memory.deltanet import DeltaNetMemory
+
+    return isinstance(mem, DeltaNetMemory) and not _feeds_all(mem)
+
+
+def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict):
+    """The evicted-token memory step of a (gated) DeltaNet memory as one Pallas kernel: state in per-sequence form
+    [B, 1, Hq, D, D] float32, q [B, 1, Hq, D], u [B, 1, hidden], slot [B] int, evict [B] bool. Same result as the
+    XLA path of _memory_decode (tests/inference/test_fused_memory_decode.py). -> (y [B, 1, Hq*D], state)."""
+    from ahn_jax.models.memory.base import compute_dtype
+    from pallas_kernels.memory_decode import fused_delta_decode
+
+    shape = state.shape
+    y, new = fused_delta_decode(
+        state.reshape(shape[0], *shape[2:]), q[:, 0], ring_k, ring_v, gates["beta"], gates.get("g"), slot, evict,
+        u[:, 0], mem.g_proj[...], mem.o_norm[...], mem.o_proj[...], scale=mem.head_dim ** -0.5,
+        norm_eps=mem.norm_eps, compute_dtype=compute_dtype(mem.dtype, q))
+    return y[:, None], new.reshape(shape)
+
+
+def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks, fused=False):
     """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
     the written buffers (the evicted token t - W is still in its slot: R >= W + 1). Reads only the evicted slot.
-    Returns (y [B, 1, F], new memory state)."""
+    fused: use the Pallas kernel where fuses_memory_decode(mem). Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
     if _feeds_all(mem):
@@ -212,6 +239,8 @@ def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, win
         return y[:, None], state
     evict = pos >= first_memory_query(window, sinks)
     slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
+    if fused and fuses_memory_decode(mem):
+        return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict)
     rows = jnp.arange(pos.shape[0])
     k_old, v_old = ring_k[rows, :, slot], ring_v[rows, :, slot]  # [B, Hkv, D]
     g_old = jax.tree.map(lambda g: g[rows, slot], gates)
@@ -271,7 +300,7 @@ def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx):
 
 
 def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring_idx, sink_idx, ring_pos, lengths,
-           active, *, decoding, first_valid, q_tile):
+           active, *, decoding, first_valid, q_tile, fused_memory=False):
     """One decoder layer. ring_pos [B, R] / lengths [B]: the slots' positions and token counts the attention sees
     (decode: after this step's write; prefill: before it)."""
     attn = layer.self_attn
@@ -289,7 +318,7 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
         state, y = lc.memory, None
         if mem is not None:
             y, state = _memory_decode(mem, new.ring_k, new.ring_v, new.gates, lc.memory, q, k, v, u, positions,
-                                      cache.window, s)
+                                      cache.window, s, fused=fused_memory)
             if active is not None:  # a sequence that consumed no token keeps its memory state
                 state = _select(active, state, lc.memory)
         x = finish_layer(layer, mem, x, o, y)
@@ -308,7 +337,7 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
 
 
 def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, first_valid, all_logits,
-             q_tile=PREFILL_QUERY_TILE):
+             q_tile=PREFILL_QUERY_TILE, fused_memory=False):
     """ids [B, Tc] at positions cache.lengths + i -> (logits [B, Tc or 1, V] float32, new cache). active [B] bool or
     None (decode only): a sequence marked False consumes nothing (its writes are dropped, its state kept)."""
     model = nnx.merge(graphdef, state)
@@ -331,7 +360,8 @@ def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, f
     layers = []
     for i, layer in enumerate(base.model.layers):
         x, lc = _layer(layer, memories.get(i), cache.layers[i], cache, x, positions, ring_idx, sink_idx, seen_pos,
-                       seen_len, active, decoding=decoding, first_valid=first_valid, q_tile=q_tile)
+                       seen_len, active, decoding=decoding, first_valid=first_valid, q_tile=q_tile,
+                       fused_memory=fused_memory)
         layers.append(lc)
     h = base.model.norm(x if all_logits else x[:, -1:])
     logits = base.logits(h)
@@ -345,19 +375,19 @@ def _jitted(graphdef, state_treedef, backend: str):
     Why not jit(_forward) with a static graphdef and the nnx.State: every call would hash the GraphDef and flatten
     the State in Python, several ms per token for a 36-layer model (measured on CPU), more than the whole step's
     device time at batch 1. Here both are done once per Decoder; jit's C++ path flattens the list."""
-    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile):
+    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile, fused_memory):
         return _forward(graphdef, jax.tree.unflatten(state_treedef, leaves), cache, ids, active, decoding=decoding,
-                        first_valid=first_valid, all_logits=all_logits, q_tile=q_tile)
+                        first_valid=first_valid, all_logits=all_logits, q_tile=q_tile, fused_memory=fused_memory)
 
     # Donating the cache lets XLA update the ring in place; the CPU backend is left without donations so callers may
     # keep using a cache they passed in (tests compare caches).
     donate = () if backend == "cpu" else (1,)
-    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits", "q_tile"),
+    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits", "q_tile", "fused_memory"),
                    donate_argnums=donate)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int):
+def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int, fused_memory: bool = False):
     """`steps` greedy decode steps in one compiled loop (lax.fori_loop): each step feeds the argmax of its logits to
     the next. One dispatch per `steps` tokens instead of one per token (at batch 1 the per-call host work, e.g. XLA
     updating the step's CUDA graph, is of the order of the step's device time)."""
@@ -367,7 +397,7 @@ def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int):
         def body(i, carry):
             ids, out, cache = carry
             logits, cache = _forward(graphdef, state, cache, ids, None, decoding=True, first_valid=0,
-                                     all_logits=False)
+                                     all_logits=False, fused_memory=fused_memory)
             ids = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
             return ids, out.at[:, i].set(ids[:, 0]), cache
 
@@ -406,9 +436,10 @@ class Decoder:
         return init_cache(self.model, batch, teacher=self.teacher, max_length=max_length)
 
     def _call(self, cache, ids, active=None, *, decoding, first_valid=0, all_logits=False):
-        # The tile is read per call (a static argument: changing PREFILL_QUERY_TILE recompiles, never goes stale).
+        # The tile and the fused-memory switch are read per call (static arguments: changing PREFILL_QUERY_TILE or
+        # FUSED_MEMORY_DECODE recompiles, never goes stale).
         return self._fn(self._leaves, cache, ids, active, decoding=decoding, first_valid=first_valid,
-                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE)
+                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE, fused_memory=bool(FUSED_MEMORY_DECODE))
 
     def prefill(self, input_ids, lengths=None, *, chunk=None, max_length=None, return_all_logits=False):
         """input_ids [B, T] int (right-padded), lengths [B] (default T) -> (logits_last [B, V] float32, cache), or
@@ -468,7 +499,7 @@ class Decoder:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"greedy: steps must be an int >= 1, got {steps!r}")
         treedef = jax.tree.structure(self.state)
-        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps)
+        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps, bool(FUSED_MEMORY_DECODE))
         return fn(self._leaves, cache, token_ids)
 
     def decode(self, token_ids, cache: InferenceCache, *, active=None):

@@ -1,0 +1,158 @@
+"""One decode step of a (gated) delta-rule AHN memory as a single Pallas kernel (issue 5, hybrid decode at batch 1).
+
+The XLA form of this step (ahn_jax/inference/decode.py: _memory_decode + DeltaNetMemory.step + read_out) is ~20 small
+kernels per layer: gathers of the evicted token's k, v and gates from the ring, l2 norms, the state update and
+readout, the AHN head (gamma projection, RMSNorm, silu gate, per-head o_proj) and the evict selects. Here one program
+per (sequence b, query head h) does all of it:
+
+    slot, evict   the evicted token's ring slot [B] int32 and whether sequence b evicts at all [B]
+    k, v          ring_k / ring_v [b, h // G, slot]    (post-RoPE, KV head of query head h, G = Hq / Hkv)
+    beta, g       gates [b, slot, h]                   (written when the token entered the window; g only for GDN)
+    q^, k^        l2-normalised (float32, eps 1e-6 inside the rsqrt; ops.gated_delta.l2_normalize)
+    S             <- e^g S;  v' = beta (v - S^T k^);  S <- S + k^ v'^T          (ops.gated_delta._one_step)
+    o             = scale * S^T q^
+    gamma         = u . g_proj[:, h]                   (u [B, hidden]: the reading token's prenormed hidden state)
+    y_h           = (RMSNorm_D(o) * o_norm * silu(gamma)) @ o_proj[h]            (DeltaNetMemory.read_out)
+    where evict[b] is False: S is left as it was and y_h = 0.
+
+Rounding follows the XLA path in the compute dtype `cdt` (the memory's dtype, else q's): q, k, v are cast to cdt; the
+l2-normalised q, k, the readout o and gamma are rounded to cdt (their XLA ops return cdt); the state, gates, norms and
+every sum are float32; the o_proj product takes cdt operands with a float32 sum and returns cdt.
+
+The state [B, Hq, D, D] float32 is aliased input -> output (input_output_aliases), so a donated cache state is
+updated in place; a program that does not evict skips its store. Products are broadcast-multiplies + sums ([D] x
+[D, D]): a 1-row tl.dot would need tiles >= 16 and waste the tensor cores anyway. The gamma dot runs over the hidden
+axis in power-of-two blocks (Triton loads need power-of-two sizes; every Qwen hidden size is a multiple of 128).
+
+Two ways to get the evicted token: gather_in_kernel=True indexes the ring refs at the slot loaded from `slot`
+(dynamic scalar indices, which the Triton lowering turns into pointer offsets); False gathers the [B, Hkv, D] rows and
+[B, Hq] gates with XLA first (one extra small fusion) and the kernel reads them at index 0, a fallback if the dynamic
+index ever fails to lower. Forward only: decode is never differentiated (training uses ops.gated_delta).
+Imports only jax/numpy (layer rule).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import F32, pallas_module, triton_params
+
+# The D x D float32 state and the D x D o_proj tile of one head (64 KB each at D 128) live in registers: 8 warps
+# keep them at ~64 registers per thread each.
+NUM_WARPS = 8
+_L2_EPS = 1e-6  # ops.gated_delta.l2_normalize
+
+
+def _hidden_block(hidden: int) -> int:
+    """Largest power of two <= 512 dividing `hidden` (the gamma dot's load size)."""
+    block = 512
+    while block > 1 and hidden % block:
+        block //= 2
+    return block
+
+
+def _kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, has_decay, gathered, scale,
+            norm_eps, cdt, hidden_block, n_hidden_blocks):
+    pl = pallas_module()
+    if has_decay:
+        g_ref, u_ref, gproj_ref, onorm_ref, oproj_ref, state_in_ref, y_ref, state_ref = refs
+    else:
+        g_ref = None
+        u_ref, gproj_ref, onorm_ref, oproj_ref, state_in_ref, y_ref, state_ref = refs
+    b, h = pl.program_id(0), pl.program_id(1)
+    hk = h // group
+    d = q_ref.shape[-1]
+    slot = 0 if gathered else slot_ref[b]
+    evict = evict_ref[b] != 0
+
+    def rnd(x):  # what an XLA op returning cdt does to a float32 value
+        return x.astype(cdt).astype(F32)
+
+    def l2(x):
+        return rnd(x * lax.rsqrt(jnp.sum(x * x) + _L2_EPS))
+
+    q = l2(rnd(q_ref[b, h, :].astype(F32)))
+    k = l2(rnd(k_ref[b, hk, slot, :].astype(F32)))
+    v = rnd(v_ref[b, hk, slot, :].astype(F32))
+    beta = beta_ref[b, slot, h].astype(F32)
+    # state_ref is the output aliased to state_in_ref (the same buffer): a program that does not evict stores nothing
+    # and leaves the old state in place.
+    s = state_in_ref[b, h, :, :]
+    if has_decay:
+        s = s * jnp.exp(g_ref[b, slot, h].astype(F32))
+    v_new = beta * (v - jnp.sum(s * k[:, None], axis=0))  # S^T k: sum over the key axis
+    s = s + k[:, None] * v_new[None, :]
+
+    @pl.when(evict)
+    def _():
+        state_ref[b, h, :, :] = s
+
+    o = rnd(scale * jnp.sum(s * q[:, None], axis=0))
+
+    def gamma_block(i, acc):
+        hs = pl.ds(i * hidden_block, hidden_block)
+        return acc + jnp.sum(rnd(u_ref[b, hs].astype(F32)) * rnd(gproj_ref[hs, h].astype(F32)))
+
+    gamma = rnd(lax.fori_loop(0, n_hidden_blocks, gamma_block, jnp.zeros((), F32)))
+    gate = gamma / (1.0 + jnp.exp(-gamma))  # silu
+    normed = o * lax.rsqrt(jnp.sum(o * o) / d + norm_eps) * onorm_ref[...].astype(F32) * gate
+    y = jnp.sum(rnd(normed)[:, None] * rnd(oproj_ref[h, :, :].astype(F32)), axis=0)
+    y_ref[b, pl.ds(h * d, d)] = jnp.where(evict, y, 0.0).astype(y_ref.dtype)
+
+
+def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, *, scale,
+                       norm_eps, compute_dtype=None, gather_in_kernel=True, interpret=None):
+    """One memory decode step of AHN-DN (g None) or AHN-GDN for every sequence and query head.
+
+    state [B, Hq, D, D] float32 (aliased: updated in place when donated); q [B, Hq, D] the reading token's query;
+    ring_k, ring_v [B, Hkv, R, D] (Hq % Hkv == 0); beta, g [B, R, Hq] float32 gates per ring slot (g None: no decay);
+    slot [B] int ring slot of each sequence's evicted token; evict [B] bool; u [B, hidden] the reading token's
+    prenormed hidden state; g_proj [hidden, Hq]; o_norm [D]; o_proj [Hq, D, D] ([in, out]).
+    compute_dtype: the memory's dtype (None: q's). interpret None: interpret mode off the GPU.
+    Returns (y [B, Hq * D] in compute_dtype, zero where evict is False; new state [B, Hq, D, D] float32).
+    """
+    bsz, hq, d = q.shape
+    if ring_k.ndim != 4 or ring_v.shape != ring_k.shape or ring_k.shape[0] != bsz or ring_k.shape[3] != d \
+            or hq % ring_k.shape[1]:
+        raise ValueError(f"fused_delta_decode: ring_k, ring_v must be [B={bsz}, Hkv, R, D={d}] with Hq={hq} a "
+                         f"multiple of Hkv; got ring_k {ring_k.shape}, ring_v {ring_v.shape}")
+    hkv, ring = ring_k.shape[1], ring_k.shape[2]
+    if state.shape != (bsz, hq, d, d):
+        raise ValueError(f"fused_delta_decode: state must be [B, Hq, D, D] = {(bsz, hq, d, d)}, got {state.shape}")
+    for name, x in (("beta", beta), ("g", g)):
+        if x is not None and x.shape != (bsz, ring, hq):
+            raise ValueError(f"fused_delta_decode: {name} must be [B, R, Hq] = {(bsz, ring, hq)}, got {x.shape}")
+    if slot.shape != (bsz,) or evict.shape != (bsz,):
+        raise ValueError(f"fused_delta_decode: slot and evict must be [B={bsz}], got {slot.shape}, {evict.shape}")
+    if u.ndim != 2 or u.shape[0] != bsz or g_proj.shape != (u.shape[1], hq):
+        raise ValueError(f"fused_delta_decode: u must be [B={bsz}, hidden] and g_proj [hidden, Hq={hq}]; got u "
+                         f"{u.shape}, g_proj {g_proj.shape}")
+    if o_norm.shape != (d,) or o_proj.shape != (hq, d, d):
+        raise ValueError(f"fused_delta_decode: o_norm must be [D={d}] and o_proj [Hq, D, D] = {(hq, d, d)}; got "
+                         f"{o_norm.shape}, {o_proj.shape}")
+    cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    slot = slot.astype(jnp.int32)
+    if not gather_in_kernel:  # XLA gathers the evicted rows; the kernel reads index 0 of a 1-slot "ring"
+        rows = jnp.arange(bsz)
+        ring_k, ring_v = ring_k[rows, :, slot][:, :, None], ring_v[rows, :, slot][:, :, None]
+        beta = beta[rows, slot][:, None]
+        g = None if g is None else g[rows, slot][:, None]
+    hidden = u.shape[1]
+    block = _hidden_block(hidden)
+    kernel = functools.partial(
+        _kernel, group=hq // hkv, has_decay=g is not None, gathered=not gather_in_kernel, scale=float(scale),
+        norm_eps=float(norm_eps), cdt=cdt, hidden_block=block, n_hidden_blocks=hidden // block)
+    args = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g]) + \
+        [u, g_proj, o_norm, o_proj, state.astype(F32)]
+    pl = pallas_module()
+    y, new_state = pl.pallas_call(
+        kernel, grid=(bsz, hq), interpret=interpret, name="fused_delta_decode",
+        out_shape=(jax.ShapeDtypeStruct((bsz, hq * d), cdt), jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
+        input_output_aliases={len(args) - 1: 1}, compiler_params=triton_params(NUM_WARPS, 1))(*args)
+    return y, new_state

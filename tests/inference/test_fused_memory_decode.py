@@ -1,0 +1,136 @@
+"""The fused Pallas decode step of the DeltaNet / Gated DeltaNet memory (pallas_kernels/memory_decode.py, interpret
+mode on CPU) against the XLA path it replaces (decode._memory_decode -> mem.step -> read_out), and prefill + decode
+with decode.FUSED_MEMORY_DECODE on against the parallel forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import pallas_kernels.memory_decode as memory_decode
+from ahn_jax.inference import decode
+from ahn_jax.inference.decode import Decoder, _memory_decode, fuses_memory_decode
+from ahn_jax.models.memory.base import MemoryParam
+from ahn_jax.models.memory.deltanet import DeltaNetMemory
+from ahn_jax.models.memory.gated_deltanet import GatedDeltaNetMemory
+from ahn_jax.ops.window import first_memory_query
+from inference_helpers import make, parallel_logits, random_ids
+
+HIDDEN, HQ, HKV, RING, WINDOW, SINKS = 64, 4, 2, 9, 8, 2  # GQA group 2; R = W + 1 as the cache makes it
+
+
+def _memory(cls, head_dim, seed):
+    """A memory whose parameters (o_proj is zero at init) are all random, so every term of the head matters."""
+    mem = cls(HIDDEN, HQ, head_dim, rngs=nnx.Rngs(seed))
+    leaves, treedef = jax.tree.flatten(nnx.state(mem, MemoryParam))
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    nnx.update(mem, jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                                 for x, k in zip(leaves, keys)]))
+    return mem
+
+
+def _step_inputs(mem, head_dim, dtype, seed, batch=4):
+    """Random decode-step inputs in the cache's layout. Positions straddle first_memory_query (some sequences evict,
+    some do not) and land on different ring slots."""
+    ks = jax.random.split(jax.random.key(seed), 8)
+    d = head_dim
+    first = first_memory_query(WINDOW, SINKS)
+    positions = jnp.asarray([first - 1, first, first + 5, first + 13][:batch], jnp.int32)[:, None]
+    ring_k = jax.random.normal(ks[0], (batch, HKV, RING, d), jnp.float32).astype(dtype)
+    ring_v = jax.random.normal(ks[1], (batch, HKV, RING, d), jnp.float32).astype(dtype)
+    gates = {"beta": jax.nn.sigmoid(jax.random.normal(ks[2], (batch, RING, HQ)))}
+    if isinstance(mem, GatedDeltaNetMemory):
+        gates["g"] = -jax.nn.softplus(jax.random.normal(ks[3], (batch, RING, HQ)))
+    state = 0.3 * jax.random.normal(ks[4], (batch, 1, HQ, d, d), jnp.float32)  # the cache's per-sequence form
+    q = jax.random.normal(ks[5], (batch, 1, HQ, d), jnp.float32).astype(dtype)
+    u = jax.random.normal(ks[6], (batch, 1, HIDDEN), jnp.float32).astype(dtype)
+    return ring_k, ring_v, gates, state, q, u, positions
+
+
+def _run(mem, inputs, fused):
+    ring_k, ring_v, gates, state, q, u, positions = inputs
+    # k, v of the new token are not read on the evicted-token path (the ring holds them already).
+    return jax.jit(lambda *a: _memory_decode(mem, *a[:5], None, None, *a[5:], WINDOW, SINKS, fused=fused))(
+        ring_k, ring_v, gates, state, q, u, positions)
+
+
+@pytest.mark.parametrize("cls,head_dim,dtype", [
+    (GatedDeltaNetMemory, 16, jnp.float32), (DeltaNetMemory, 32, jnp.float32),
+    (GatedDeltaNetMemory, 32, jnp.bfloat16), (DeltaNetMemory, 16, jnp.bfloat16)])
+def test_fused_step_equals_the_xla_path(cls, head_dim, dtype):
+    mem = _memory(cls, head_dim, seed=head_dim)
+    inputs = _step_inputs(mem, head_dim, dtype, seed=3)
+    y_ref, s_ref = _run(mem, inputs, fused=False)
+    y, s = _run(mem, inputs, fused=True)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and s.shape == s_ref.shape and s.dtype == s_ref.dtype
+    evict = np.asarray(inputs[-1][:, 0] >= first_memory_query(WINDOW, SINKS))
+    assert evict.any() and not evict.all()
+    y32, y_ref32 = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
+    assert np.abs(y_ref32[evict]).min(axis=-1).max() > 0 and np.abs(y_ref32).max() > 1e-2  # a real readout
+    # bf16: both round the same values to bf16, but float32 sums in another order can flip a last bit.
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2 * float(np.abs(y_ref32).max())
+    np.testing.assert_allclose(y32, y_ref32, atol=tol, rtol=0)
+    np.testing.assert_array_equal(y32[~evict], 0)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), atol=1e-5 if dtype == jnp.float32 else 1e-2,
+                               rtol=0)
+    np.testing.assert_array_equal(np.asarray(s)[~evict], np.asarray(inputs[3])[~evict])  # not evicting: untouched
+    assert float(jnp.abs(s - inputs[3])[evict].max()) > 1e-3  # evicting: the state moved
+
+
+def test_gather_outside_the_kernel_gives_the_same_result():
+    """The fallback (XLA gathers the evicted rows, the kernel reads index 0) equals the in-kernel ring gather."""
+    mem = _memory(GatedDeltaNetMemory, 16, seed=5)
+    ring_k, ring_v, gates, state, q, u, positions = _step_inputs(mem, 16, jnp.float32, seed=6)
+    pos = positions[:, 0]
+    slot = (pos - WINDOW - SINKS) % RING
+    evict = pos >= first_memory_query(WINDOW, SINKS)
+
+    def run(gather_in_kernel):
+        return memory_decode.fused_delta_decode(
+            state[:, 0], q[:, 0], ring_k, ring_v, gates["beta"], gates["g"], slot, evict, u[:, 0],
+            mem.g_proj[...], mem.o_norm[...], mem.o_proj[...], scale=16 ** -0.5, norm_eps=mem.norm_eps,
+            gather_in_kernel=gather_in_kernel)
+
+    (y_in, s_in), (y_out, s_out) = run(True), run(False)
+    np.testing.assert_allclose(np.asarray(y_out), np.asarray(y_in), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(s_out), np.asarray(s_in), atol=1e-6, rtol=0)
+    y_ref, _ = _run(mem, (ring_k, ring_v, gates, state, q, u, positions), fused=False)
+    np.testing.assert_allclose(np.asarray(y_out), np.asarray(y_ref[:, 0]), atol=1e-5, rtol=0)
+
+
+def test_bad_shapes_name_the_tensor():
+    mem = _memory(DeltaNetMemory, 16, seed=7)
+    ring_k, ring_v, gates, state, q, u, _ = _step_inputs(mem, 16, jnp.float32, seed=8)
+    slot, evict = jnp.zeros((4,), jnp.int32), jnp.ones((4,), bool)
+    args = dict(state=state[:, 0], q=q[:, 0], ring_k=ring_k, ring_v=ring_v, beta=gates["beta"], g=None, slot=slot,
+                evict=evict, u=u[:, 0], g_proj=mem.g_proj[...], o_norm=mem.o_norm[...], o_proj=mem.o_proj[...])
+    for name, bad in (("state", state), ("beta", gates["beta"][:, :3]), ("ring_k", ring_k[:, :, :, :8]),
+                      ("o_proj", mem.o_proj[...][:2])):
+        with pytest.raises(ValueError, match=name):
+            memory_decode.fused_delta_decode(**{**args, name: bad}, scale=0.25, norm_eps=1e-5)
+
+
+def test_only_evicted_delta_rule_memories_are_fused():
+    assert fuses_memory_decode(make("gated_deltanet", 5, 3).memories[0])
+    assert fuses_memory_decode(make("deltanet", 6, 0).memories[0])
+    assert not fuses_memory_decode(make("mamba2", 5, 3).memories[0])
+
+
+@pytest.mark.parametrize("memory,window,sinks", [("gated_deltanet", 5, 3), ("deltanet", 6, 0)])
+def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks, monkeypatch):
+    calls = []
+    kernel = memory_decode.fused_delta_decode
+    monkeypatch.setattr(memory_decode, "fused_delta_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(decode, "FUSED_MEMORY_DECODE", True)
+    model = make(memory, window, sinks)
+    ids = random_ids(2, 14, seed=1)
+    ref = parallel_logits(model, ids)
+    dec = Decoder(model)
+    # A prompt shorter than sinks + window: decode fills the window, then evicts through the kernel.
+    _, cache = dec.prefill(ids[:, :4], chunk=4)
+    for t in range(4, ids.shape[1]):
+        logits, cache = dec.decode(ids[:, t], cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, t]), atol=1e-4, rtol=0,
+                                   err_msg=f"fused decode at position {t}")
+    assert calls, "the fused kernel was never traced: the switch did not reach the jitted step"
