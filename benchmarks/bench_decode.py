@@ -22,6 +22,11 @@ per dispatch: what is left when the host's per-call work is amortised), the hybr
 the rest, and the number of ring-sized copies in the compiled donated step (0 = in place; on CPU, bf16 buffers are
 updated through float32 and show up as copies, so only the GPU count means anything).
 
+--fused-memory: every hybrid row is timed twice, with the memory's decode step in XLA (kind "hybrid") and as the fused
+Pallas kernel (kind "hybrid_fused", decode.FUSED_MEMORY_DECODE; pallas_kernels/memory_decode.py). Before the rows of a
+window, one step from the same random cache (evicting) with and without the kernel is compared (logits, every
+layer's memory state: "fused_check" in the JSON); with --profile the fused hybrid is profiled too ("profile_fused").
+
 Usage (GPU): python benchmarks/bench_decode.py [--contexts 8192,32768,131072] [--batches 1,32] [--windows 32640,8192]
              [--sinks 128] [--steps 20] [--repeats 3] [--prefill-length 131072] [--prefill-chunk 2048] [--profile]
 CPU check: python benchmarks/bench_decode.py --smoke --profile
@@ -32,6 +37,7 @@ and prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -216,18 +222,59 @@ def attention_only_seconds(dec, cache, steps):
     return (time.perf_counter() - start) / steps
 
 
-def ring_copies(dec, cache):
-    """Copies of a ring-shaped buffer in the compiled, donated decode step (0 = every cache buffer updated in place)."""
+def ring_copies(dec, cache, fused=False):
+    """Copies of a ring-shaped buffer in the compiled, donated decode step (0 = every cache buffer updated in place);
+    fused: with the fused memory kernel (decode.FUSED_MEMORY_DECODE)."""
     from ahn_jax.inference import decode as decode_module
 
     fn = jax.jit(decode_module._forward, static_argnums=(0,),
-                 static_argnames=("decoding", "first_valid", "all_logits"), donate_argnums=(2,))
+                 static_argnames=("decoding", "first_valid", "all_logits", "fused_memory"), donate_argnums=(2,))
     ids = jnp.zeros((cache.batch, 1), jnp.int32)
     text = fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0,
-                    all_logits=False).compile().as_text()
+                    all_logits=False, fused_memory=fused).compile().as_text()
     ring = ",".join(map(str, cache.layers[0].ring_k.shape))
     return sum(1 for line in text.splitlines()
                if ("copy(" in line or "copy-start(" in line) and f"[{ring}]" in line.split("=", 1)[-1][:60])
+
+
+@contextlib.contextmanager
+def fused_memory(on: bool):
+    """decode.FUSED_MEMORY_DECODE set to `on` inside the block (a static argument of the jitted step: both variants
+    stay compiled side by side)."""
+    from ahn_jax.inference import decode as decode_module
+
+    old = decode_module.FUSED_MEMORY_DECODE
+    decode_module.FUSED_MEMORY_DECODE = on
+    try:
+        yield
+    finally:
+        decode_module.FUSED_MEMORY_DECODE = old
+
+
+def check_fused(dec, batch, window, sinks):
+    """One decode step from the same random cache (a context past the window, so every sequence evicts) with the XLA
+    memory step and with the fused kernel: max |difference| of the logits and of every layer's memory state, each
+    also relative to the largest magnitude of the XLA result. bf16 model: a few bf16 ulps are expected (the kernel
+    rounds like the XLA path but sums in another order)."""
+    context = window + sinks + 64
+    cache = random_cache(dec, batch, context, 2, jax.random.key(11))
+    copy = jax.tree.map(jnp.copy, cache)  # the step donates its cache on the GPU
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 500, size=(batch, 1)), jnp.int32)
+    with fused_memory(False):
+        ref_logits, ref_cache = dec.step(tokens, cache)
+    with fused_memory(True):
+        logits, new_cache = dec.step(tokens, copy)
+
+    def diff(a, b):
+        a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        err, scale = float(jnp.abs(a - b).max()), float(jnp.abs(b).max())
+        return {"max_abs": err, "relative": err / max(scale, 1e-30)}
+
+    states = [diff(n.memory, r.memory) for n, r in zip(new_cache.layers, ref_cache.layers) if r.memory is not None]
+    out = {"context": context, "batch": batch, "logits": diff(logits, ref_logits),
+           "state_max_abs": max(d["max_abs"] for d in states), "state_relative": max(d["relative"] for d in states)}
+    out["ok"] = bool(out["logits"]["relative"] < 2e-2 and out["state_relative"] < 2e-2)
+    return out
 
 
 def profile_decode(dec, cache, out_dir, tag, keep_trace=False):
@@ -281,6 +328,9 @@ def main(argv=None):
                    help="with --profile: also time Decoder.greedy, this many tokens per compiled device loop")
     p.add_argument("--keep-trace", action="store_true", help="with --profile: also copy the raw trace into $OUT")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="for the bandwidth floor column (H100 SXM)")
+    p.add_argument("--fused-memory", action="store_true",
+                   help="also time (and check, and with --profile profile) the hybrid with the fused Pallas memory "
+                        "decode step (decode.FUSED_MEMORY_DECODE), as rows of kind hybrid_fused")
     p.add_argument("--smoke", action="store_true", help="tiny dims, 2 layers, short contexts: checks the script on CPU")
     args = p.parse_args(argv)
     if args.smoke:
@@ -325,7 +375,7 @@ def main(argv=None):
             result["prefill"][f"full_{args.prefill_length}"] = r
             print("prefill full", r, flush=True)
 
-    def run_row(name, dec, window, context, batch):
+    def run_row(name, dec, window, context, batch, fused=False):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
                "cache_bytes": cache_bytes_estimate(dec, batch, context, args.steps * args.repeats + 2)}
         # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
@@ -335,7 +385,8 @@ def main(argv=None):
         else:
             try:
                 cache = random_cache(dec, batch, context, args.steps * args.repeats + 2, jax.random.key(context))
-                sec, cache = time_decode(dec, cache, args.steps, args.repeats)
+                with fused_memory(fused):
+                    sec, cache = time_decode(dec, cache, args.steps, args.repeats)
                 row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
                 del cache
             except Exception as e:  # noqa: BLE001 - an OOM is a result here
@@ -363,9 +414,16 @@ def main(argv=None):
             print("profile full", json.dumps(summary)[:2000], flush=True)
     for window in windows:
         hybrid = Decoder(build_hybrid(base, window, args.sinks))
+        if args.fused_memory:
+            check = check_fused(hybrid, min(batches), window, args.sinks)
+            result.setdefault("fused_check", {})[str(window)] = check
+            print("fused check", window, check, flush=True)
+            save()
         for context in contexts:
             for batch in batches:
                 run_row("hybrid", hybrid, window, context, batch)
+                if args.fused_memory:
+                    run_row("hybrid_fused", hybrid, window, context, batch, fused=True)
         if args.profile and window == windows[0]:
             cache = random_cache(hybrid, args.profile_batch, max(contexts), 8, jax.random.key(9))
             summary, files, cache = profile_decode(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}",
@@ -381,6 +439,20 @@ def main(argv=None):
                                  f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
             del cache
             print("profile", json.dumps(result["profile"])[:3000], flush=True)
+            if args.fused_memory:
+                cache = random_cache(hybrid, args.profile_batch, max(contexts), 8, jax.random.key(9))
+                with fused_memory(True):
+                    summary, files, cache = profile_decode(hybrid, cache, out_dir,
+                                                           f"hybrid_fused_w{window}_b{args.profile_batch}",
+                                                           args.keep_trace)
+                    step_s, cache = time_decode(hybrid, cache, args.steps, 1)
+                    greedy_s, cache = time_greedy(hybrid, cache, args.greedy_steps)
+                result["profile_fused"] = {"window": window, "context": max(contexts), "batch": args.profile_batch,
+                                           "trace_files": files, "trace_summary": summary, "step_ms": 1e3 * step_s,
+                                           "ring_copies_in_compiled_step": ring_copies(hybrid, cache, fused=True),
+                                           f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
+                del cache
+                print("profile fused", json.dumps(result["profile_fused"])[:3000], flush=True)
         del hybrid
 
     save()
@@ -399,17 +471,17 @@ def print_table(result, args, device):
     print(f"\n{device} | {result['shapes']} shapes, {result['layers']} layers, bf16 random weights "
           f"({result['weights_bytes'] / gib:.2f} GiB) | hybrid S={args.sinks} gated_deltanet | decode caches filled "
           f"with random values | floor = (weights + cache) / {args.bandwidth_tbs} TB/s")
-    print(f"{'kind':8} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
+    print(f"{'kind':12} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
           f"{'tok/s':>9} {'x full':>7}")
     full = {(r["context"], r["batch"]): r.get("tokens_per_s") for r in result["decode"] if r["kind"] == "full"}
     for r in result["decode"]:
         if "tokens_per_s" in r:
             ref = full.get((r["context"], r["batch"]))
-            ratio = f"{r['tokens_per_s'] / ref:7.2f}" if r["kind"] == "hybrid" and ref else f"{'-':>7}"
+            ratio = f"{r['tokens_per_s'] / ref:7.2f}" if r["kind"].startswith("hybrid") and ref else f"{'-':>7}"
             tail = f"{r['ms_per_step']:9.2f} {r['tokens_per_s']:9.1f} {ratio}"
         else:
             tail = f"  skipped: {r['skipped'][:70]}"
-        print(f"{r['kind']:8} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
+        print(f"{r['kind']:12} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
               f"{r['cache_bytes'] / gib:10.2f} {r['floor_ms']:9.2f} {tail}")
     for name, r in result["prefill"].items():
         if r.get("peak_bytes") is not None:
@@ -420,8 +492,19 @@ def print_table(result, args, device):
                   f"{r['seconds_incl_compile']:.1f} s incl. compile")
         else:
             print(f"prefill {name}: {r}")
+    xla = {(r["window"], r["context"], r["batch"]): r.get("ms_per_step") for r in result["decode"]
+           if r["kind"] == "hybrid"}
+    for r in result["decode"]:
+        ref = xla.get((r["window"], r["context"], r["batch"]))
+        if r["kind"] == "hybrid_fused" and ref and r.get("ms_per_step"):
+            print(f"fused memory: window {r['window']} context {r['context']} batch {r['batch']}: {ref:.2f} -> "
+                  f"{r['ms_per_step']:.2f} ms/step (x{ref / r['ms_per_step']:.2f})")
+    for window, check in result.get("fused_check", {}).items():
+        print(f"fused check window {window}: {'ok' if check['ok'] else 'MISMATCH'} {check}")
     if result["profile"]:
         print("profile:", json.dumps(result["profile"], indent=1))
+    if result.get("profile_fused"):
+        print("profile fused:", json.dumps(result["profile_fused"], indent=1))
 
 
 if __name__ == "__main__":

@@ -375,7 +375,7 @@ def _jitted(graphdef, state_treedef, backend: str):
     Why not jit(_forward) with a static graphdef and the nnx.State: every call would hash the GraphDef and flatten
     the State in Python, several ms per token for a 36-layer model (measured on CPU), more than the whole step's
     device time at batch 1. Here both are done once per Decoder; jit's C++ path flattens the list."""
-    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile, fused_memory):
+    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile, fused_memory=False):
         return _forward(graphdef, jax.tree.unflatten(state_treedef, leaves), cache, ids, active, decoding=decoding,
                         first_valid=first_valid, all_logits=all_logits, q_tile=q_tile, fused_memory=fused_memory)
 
