@@ -134,3 +134,21 @@ def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, t]), atol=1e-4, rtol=0,
                                    err_msg=f"fused decode at position {t}")
     assert calls, "the fused kernel was never traced: the switch did not reach the jitted step"
+
+
+def test_fused_greedy_loop_matches_the_xla_greedy_loop(monkeypatch):
+    """Decoder.greedy compiles its own loop: the switch must reach it too (and give the same tokens)."""
+    model = make("gated_deltanet", 5, 3)
+    ids = random_ids(2, 9, seed=2)
+    dec = Decoder(model)
+    calls = []
+    kernel = memory_decode.fused_delta_decode
+    monkeypatch.setattr(memory_decode, "fused_delta_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = {}
+    for fused in (False, True):
+        monkeypatch.setattr(decode, "FUSED_MEMORY_DECODE", fused)
+        last, cache = dec.prefill(ids, chunk=4)
+        first = jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]
+        out[fused], _ = dec.greedy(first, cache, 4)
+    assert calls, "the greedy loop never traced the fused kernel"
+    np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
