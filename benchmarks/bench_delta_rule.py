@@ -6,7 +6,7 @@
 Order: (1) smoke: ours (default backward) vs a token-by-token float32 scan at a small shape (forward, final state,
 every gradient); (2) backward variants at the first shape (gated): the WY preparation's backward alone (jax.vjp through
 XLA's triangular solve vs the explicit matmul-only VJP, blocked inverse and solve; agreement first), then fwd+bwd of
-every BWD_VARIANTS entry (old = round-3 default, new = explicit VJP + split sweep, each item alone, block/warp options;
+every BWD_VARIANTS entry (new = the defaults: explicit VJP + split sweep; the jax.vjp preparation; block/warp options;
 gradients compared with "new" before timing), the fastest agreeing one kept for (3); `--tune-forward` also re-times
 the WY inverses; (3) per shape (B1 T32768 H16 D128; B8 T4096; B1 T131072; B1 T32768 D256) x (gated, plain): ours' and
 FLA's outputs against the float32 scan, ours' gradients against FLA's, all BEFORE timing; then forward and
@@ -173,8 +173,9 @@ def tune_forward(shape, res):
 # Knob names are pallas_kernels.delta_rule module attributes; unspecified knobs keep the module defaults.
 BWD_VARIANTS = [
     ("new", {}),  # explicit XLA WY VJP (blocked inverse) + split sweep: the defaults
-    ("old", {"WY_BWD": "jax_vjp", "SWEEP": "partials"}),  # the round-3 default (H100: 34.9 ms)
-    ("explicit+partials", {"SWEEP": "partials"}),  # item 1 alone (old vs this: item 1; this vs new: item 2)
+    # The round-3 preparation backward with the new sweep (round 3's whole backward, with the per-V-block partials
+    # sweep since removed, took 34.7 ms on the H100; round 4 run, RESULTS.md).
+    ("jax_vjp prep", {"WY_BWD": "jax_vjp"}),
     ("new bwd_bv32", {"BWD_BLOCK_V": 32}),
     ("new dqkw_w8", {"DQKW_WARPS": 8}),
     ("new dqkw_bk128_bv64", {"DQKW_BLOCK_K": 128, "DQKW_BLOCK_V": 64, "DQKW_WARPS": 8}),

@@ -10,11 +10,11 @@ Plan (see benchmarks/NOTES_delta_rule.md):
         u' = U - W S;  o = scale * (gamma*Q S + mask(Q K^T * Gamma) u');  S = e^{g_last} S + (K * e^{g_last - gc})^T u'.
       The recurrence is independent per value column given W, so splitting V multiplies the parallelism beyond B*H
       for batch-1 long sequences, and no per-chunk state goes through HBM in the forward.
-  Backward (defaults WY_BWD = "explicit", SWEEP = "split"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
+  Backward (default WY_BWD = "explicit"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
   per chunk with matmuls), the forward kernel rerun to save each chunk's start state, a sequential kernel sweeping the
   chunks in reverse carrying dS (split over V) that writes du', u' and each chunk's dS, a kernel parallel over chunks
   forming dq, dk, dw with the V blocks summed on chip, and the WY preparation's matmul-only VJP from the same T
-  (pallas_kernels.common.wy_factors_and_vjp). The older variants stay behind the WY_BWD / SWEEP switches for timing.
+  (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -49,12 +49,10 @@ PRECOMPUTE_ATTN = True
 WY_BWD = "explicit"
 WY_BWD_INVERSE = "blocked"
 _WY_BWDS = ("explicit", "jax_vjp", "pallas")
-# Reverse sweep: "split": the sequential kernel carries dS and writes only du, u' and each chunk's dS (in q's dtype),
-# and a kernel parallel over (B, H, chunk, K block) forms dq, dk, dw, dgc with the V blocks looped inside (no per-V-block
-# partials); "partials": one kernel writes float32 dq/dk/dw/dgc partials per V block, summed by XLA (round 1-3:
-# ~6.4 GB written + read again at B1 T32768 H16 D128, block_v 16).
-SWEEP = "split"
-_SWEEPS = ("split", "partials")
+# Reverse sweep: the sequential kernel carries dS and writes only du, u' and each chunk's dS (in q's dtype), and a
+# kernel parallel over (B, H, chunk, K block) forms dq, dk, dw, dgc with the V blocks looped inside. (Rounds 1-3 wrote
+# float32 dq/dk/dw/dgc partials per V block instead, ~6.4 GB of traffic at B1 T32768 H16 D128: removed after the H100
+# run of round 4, 29.2 vs 13.3 ms fwd+bwd; benchmarks/NOTES_delta_rule.md.)
 DQKW_BLOCK_K = 64  # K block (grid axis) of the dq/dk/dw kernel: keeps its three [C, block_k] float32 accumulators small
 DQKW_BLOCK_V = 32  # V block looped over inside it
 DQKW_WARPS = 4
@@ -117,68 +115,6 @@ def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states, has_
     ht_ref[b, h, :, vs] = s
 
 
-def _bwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
-    pl = pallas_module()
-    refs = list(refs)
-    q_ref, k_ref, w_ref, u_ref = refs[:4]
-    gc_ref = refs[4] if gated else None
-    rest = refs[5:] if gated else refs[4:]
-    st_ref, do_ref, dht_ref, dq_ref, dk_ref, dw_ref, du_ref = rest[:7]
-    dgc_ref = rest[7] if gated else None
-    dh0_ref = rest[8] if gated else rest[7]
-
-    b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    vs = pl.ds(iv * block_v, block_v)
-    cdt = q_ref.dtype
-    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-
-    def body(i, ds):
-        c = n_chunks - 1 - i
-        ts = pl.ds(c * chunk, chunk)
-        s = st_ref[b, h, c, :, vs]
-        q = q_ref[b, ts, h, :].astype(F32)
-        k = k_ref[b, ts, h, :].astype(F32)
-        w = w_ref[b, ts, h, :].astype(F32)
-        u = u_ref[b, ts, h, vs].astype(F32)
-        do = do_ref[b, ts, h, vs].astype(F32) * scale
-        u_new = u - dot(w, s, cdt)
-        qk = dot_nt(q, k, cdt)
-        if gated:
-            gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
-            attn = qk * gamma_mat
-            q_gain = jnp.exp(gcv)[:, None]
-            k_gain = jnp.exp(g_last - gcv)[:, None]
-            s_decay = jnp.exp(g_last)
-        else:
-            gamma_mat = jnp.where(causal, 1.0, 0.0)
-            attn = qk * gamma_mat
-            q_gain, k_gain, s_decay = 1.0, 1.0, 1.0
-        q_dec, k_dec = q * q_gain, k * k_gain
-        # Gradients of this chunk's outputs and end state with respect to u', the start state and the inputs.
-        du_new = dot_tn(attn, do, cdt) + dot(k_dec, ds, cdt)
-        ds_prev = ds * s_decay + dot_tn(q_dec, do, cdt) - dot_tn(w, du_new, cdt)
-        dq_dec = dot_nt(do, s, cdt)
-        d_attn = dot_nt(do, u_new, cdt) * gamma_mat
-        dk_dec = dot_nt(u_new, ds, cdt)
-        dq = dq_dec * q_gain + dot(d_attn, k, cdt)
-        dk = dot_tn(d_attn, q, cdt) + dk_dec * k_gain
-        dq_ref[iv, b, ts, h, :] = dq
-        dk_ref[iv, b, ts, h, :] = dk
-        dw_ref[iv, b, ts, h, :] = -dot_nt(du_new, s, cdt)
-        du_ref[b, ts, h, vs] = du_new.astype(du_ref.dtype)
-        if gated:
-            m = d_attn * qk  # d(loss)/d(log Gamma_ij)
-            r = jnp.sum(dk_dec * k_dec, axis=1)
-            dg_last = jnp.sum(r) + s_decay * jnp.sum(ds * s)
-            dgc = jnp.sum(dq_dec * q_dec, axis=1) + jnp.sum(m, axis=1) - jnp.sum(m, axis=0) - r
-            dgc_ref[iv, b, h, ts] = dgc + jnp.where(is_last, dg_last, 0.0)
-        return ds_prev
-
-    ds0 = lax.fori_loop(0, n_chunks, body, dht_ref[b, h, :, vs].astype(F32))
-    dh0_ref[b, h, :, vs] = ds0
-
-
 def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
     reverse and writes du' (d u'), u' (q's dtype), each chunk's dS (q's dtype: only ever used as a dot operand) and
@@ -229,7 +165,7 @@ def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
 def _dqkw_kernel(*refs, chunk, n_v, block_v, block_k, scale, gated):
     """dq, dk, dw (and the per-K-block part of dgc) of one chunk and K block, parallel over chunks: loops over the V
     blocks accumulating do S^T, u' dS^T, -du' S^T ([C, block_k]) and do u'^T ([C, C]) on chip, so nothing is written per
-    V block. Same formulas as _bwd_kernel, with the sums over V done here instead of by XLA."""
+    V block. The sums over V blocks are done here, on chip."""
     pl = pallas_module()
     refs = list(refs)
     q_ref, k_ref = refs[:2]
@@ -305,33 +241,14 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_s
     return outs
 
 
-def _run_backward(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, interpret):
-    pl = pallas_module()
-    b, t, h, dk = q.shape
-    dv = u.shape[-1]
-    n = t // chunk
-    nv = dv // block_v
-    gated = gc is not None
-    out_shape = [jax.ShapeDtypeStruct((nv, b, t, h, dk), F32)] * 3 + [jax.ShapeDtypeStruct((b, t, h, dv), F32)]
-    if gated:
-        out_shape.append(jax.ShapeDtypeStruct((nv, b, h, t), F32))
-    out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
-    kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
-    args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
-    outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
-                          compiler_params=triton_params(BWD_WARPS, 1), name="delta_rule_bwd")(*args)
-    dq, dk_, dw, du = (x.sum(0) if x.ndim == 5 else x for x in outs[:4])
-    dgc = outs[4].sum(0) if gated else None
-    return dq, dk_, dw, du, dgc, outs[-1]
-
-
 def _divisor_block(n: int, want: int) -> int:
     return want if n % want == 0 else n
 
 
 def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, interpret):
-    """The "split" backward: sequential sweep (grid B, H, V/block_v) then dq/dk/dw/dgc parallel over chunks (grid
-    B, H, chunk, K/DQKW_BLOCK_K). Same returns as _run_backward."""
+    """The backward's kernels: sequential sweep (grid B, H, V/block_v) then dq/dk/dw/dgc parallel over chunks (grid
+    B, H, chunk, K/DQKW_BLOCK_K). -> (dq, dk (direct part), dw, du [B, T, H, *] float32, dgc [B, H, T] float32 or None,
+    dh0 [B, H, K, V] float32)."""
     pl = pallas_module()
     b, t, h, dk = q.shape
     dv = u.shape[-1]
@@ -423,8 +340,8 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     q, k, v, g, beta, h0 = res
     do, dht = cts
     t = q.shape[1]
-    if WY_BWD not in _WY_BWDS or SWEEP not in _SWEEPS:
-        raise ValueError(f"WY_BWD must be one of {_WY_BWDS} and SWEEP one of {_SWEEPS}, got {WY_BWD!r}, {SWEEP!r}")
+    if WY_BWD not in _WY_BWDS:
+        raise ValueError(f"WY_BWD must be one of {_WY_BWDS}, got {WY_BWD!r}")
     kp, _ = pad_time(k, chunk)
     if WY_BWD == "jax_vjp":
         (w, u, gc), prep_vjp = jax.vjp(lambda k_, v_, g_, b_: _prepare(k_, v_, g_, b_, chunk), k, v, g, beta)
@@ -444,9 +361,9 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
     _, _, states = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v,
                                 interpret=interpret, save_states=True)
-    run_backward = _run_backward_split if SWEEP == "split" else _run_backward
-    dq, dk_direct, dw, du, dgc, dh0 = run_backward(qp, kp, w, u, gc, states, dop, dht.astype(F32), chunk=chunk,
-                                                   scale=scale, block_v=block_v, interpret=interpret)
+    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, states, dop, dht.astype(F32),
+                                                          chunk=chunk, scale=scale, block_v=block_v,
+                                                          interpret=interpret)
     if WY_BWD == "jax_vjp":
         dk_prep, dv, dg, dbeta = prep_vjp((dw.astype(w.dtype), du.astype(u.dtype), dgc))
     else:

@@ -169,12 +169,12 @@ def test_wy_kernel_matches_xla_wy_factors(chunk, gated, dtype):
 
 
 BACKWARD_VARIANTS = [
-    # The round 1-3 backward: XLA triangular_solve + jax.vjp, float32 dq/dk/dw partials per V block.
-    dict(WY_BWD="jax_vjp", SWEEP="partials"),
-    # Pallas WY + VJP kernels with the split sweep and a wider backward V block.
-    dict(WY_BWD="pallas", SWEEP="split", BWD_BLOCK_V=32),
-    # Explicit XLA VJP with the triangular solve against I, old partials sweep.
-    dict(WY_BWD="explicit", WY_BWD_INVERSE="solve", SWEEP="partials"),
+    # The round 1-3 preparation backward: XLA triangular_solve + jax.vjp.
+    dict(WY_BWD="jax_vjp"),
+    # Pallas WY + VJP kernels with a wider backward V block.
+    dict(WY_BWD="pallas", BWD_BLOCK_V=32),
+    # Explicit XLA VJP with the triangular solve against I.
+    dict(WY_BWD="explicit", WY_BWD_INVERSE="solve"),
     # The default path with the dq/dk/dw kernel split in 2 K blocks and 4 V blocks looped inside.
     dict(DQKW_BLOCK_K=8, DQKW_BLOCK_V=8),
 ]
@@ -207,6 +207,6 @@ def test_backward_variants_match_scan(monkeypatch, knobs):
 
 def test_unknown_backward_switch_is_named(monkeypatch):
     q, k, v, g, beta, _ = _inputs(4, 1, 8, 1, 16, 16, True)
-    monkeypatch.setattr(kernel, "SWEEP", "sideways")
-    with pytest.raises(ValueError, match="SWEEP"):
+    monkeypatch.setattr(kernel, "WY_BWD", "sideways")
+    with pytest.raises(ValueError, match="WY_BWD"):
         jax.grad(lambda q: jnp.sum(kernel.gated_delta_rule(q, k, v, g, beta, chunk_size=8, interpret=True)[0]))(q)
