@@ -21,7 +21,7 @@ from flax import nnx
 from ahn_jax import sharding
 from ahn_jax.training import optim, windows
 from ahn_jax.training.checkpointing import Checkpointer, StopFlag
-from ahn_jax.training.step import StepOptions, make_eval_step, make_train_step, split_model
+from ahn_jax.training.step import StepOptions, make_train_step, split_model
 
 log = logging.getLogger(__name__)
 
