@@ -1,0 +1,40 @@
+"""The fused decode memory kernel lowers through Pallas's Triton path for CUDA on this CPU-only machine
+(jax.export with platforms=("cuda",) runs the Pallas -> Triton IR lowering without a GPU). It has not yet run on a GPU
+(benchmarks/RESULTS.md): this catches a kernel body the Triton lowering cannot express before device time is spent
+on it. What it cannot check: Triton's compilation to PTX, register pressure and speed."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import pallas_kernels.memory_decode as memory_decode
+
+S = jax.ShapeDtypeStruct
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("gather_in_kernel", [True, False])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_delta_decode_lowers_to_triton_for_cuda(monkeypatch, gather_in_kernel, gated):
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    # On CPU triton_params returns None (which would select Mosaic GPU); force the Triton parameters the GPU gets.
+    monkeypatch.setattr(memory_decode, "triton_params",
+                        lambda w, s: plgpu_triton.CompilerParams(num_warps=w, num_stages=s))
+    B, HQ, HKV, D, R, HID = 2, 4, 2, 128, 64, 256
+    args = [S((B, HQ, D, D), jnp.float32), S((B, HQ, D), jnp.bfloat16), S((B, HKV, R, D), jnp.bfloat16),
+            S((B, HKV, R, D), jnp.bfloat16), S((B, R, HQ), jnp.float32),
+            S((B, R, HQ), jnp.float32) if gated else None, S((B,), jnp.int32), S((B,), jnp.bool_),
+            S((B, HID), jnp.bfloat16), S((HID, HQ), jnp.float32), S((D,), jnp.float32), S((HQ, D, D), jnp.float32)]
+
+    def step(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj):
+        return memory_decode.fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm,
+                                                o_proj, scale=D ** -0.5, norm_eps=1e-5,
+                                                gather_in_kernel=gather_in_kernel, interpret=False)
+
+    exported = export.export(jax.jit(step), platforms=("cuda",),
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 1, "expected exactly one Triton kernel call"
+    assert "fused_delta_decode" in text
