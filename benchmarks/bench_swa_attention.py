@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_util import time_jax
 from pallas_kernels.swa_attention import swa_attention
 
 START = time.time()
@@ -140,17 +140,6 @@ def fmt(errs):
     return " ".join(f"{n}={e:.2e}" for n, e in errs.items()) + (" OK" if ok(errs) else " FAIL")
 
 
-def median_ms(fn, args, reps, warmup):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def check_agreement(shape, variants, full_args):
     """Every variant vs the dense f32 reference (small T) and, with sinks=0, vs the anchor at the full size."""
     report, all_ok = {}, True
@@ -190,8 +179,8 @@ def sweep(shape, args, budget_s):
                 continue
             fwd, both = fwd_and_vjp(ours(w, s, **kwargs))
             row = {"variant": variant, "tiles": tiles, "errs_vs_v2": errs,
-                   "fwd_ms": median_ms(fwd, args[:3], 10, shape.warmup),
-                   "fwdbwd_ms": median_ms(both, args, 10, shape.warmup)}
+                   "fwd_ms": time_jax(fwd, *args[:3], reps=10, warmup=shape.warmup),
+                   "fwdbwd_ms": time_jax(both, *args, reps=10, warmup=shape.warmup)}
         except Exception as e:  # a tile that does not compile (shared memory, registers) is skipped, and said so
             log(f"sweep {variant} {tiles}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
@@ -221,11 +210,12 @@ def time_variants(shape, variants, args):
             fwd, both = fwd_and_vjp(ours(w, shape.sinks, **kwargs))
             path = FWD_PATH[name]
             if path not in fwd_done:
-                fwd_done[path] = median_ms(fwd, args[:3], shape.reps, shape.warmup)
-            row[name] = {"fwd_ms": fwd_done[path], "fwdbwd_ms": median_ms(both, args, shape.reps, shape.warmup)}
+                fwd_done[path] = time_jax(fwd, *args[:3], reps=shape.reps, warmup=shape.warmup)
+            row[name] = {"fwd_ms": fwd_done[path],
+                         "fwdbwd_ms": time_jax(both, *args, reps=shape.reps, warmup=shape.warmup)}
         fwd, both = fwd_and_vjp(anchor(w, shape.smoke))
-        row["anchor"] = {"fwd_ms": median_ms(fwd, args[:3], shape.reps, shape.warmup),
-                         "fwdbwd_ms": median_ms(both, args, shape.reps, shape.warmup)}
+        row["anchor"] = {"fwd_ms": time_jax(fwd, *args[:3], reps=shape.reps, warmup=shape.warmup),
+                         "fwdbwd_ms": time_jax(both, *args, reps=shape.reps, warmup=shape.warmup)}
         log(f"W={w}: " + ", ".join(f"{n} {r['fwd_ms']:.3f}/{r['fwdbwd_ms']:.3f}" for n, r in row.items()
                                     if isinstance(r, dict)))
         rows.append(row)
