@@ -57,14 +57,14 @@ SMOKE_DIMS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads"
               "head_dim": 8, "vocab_size": 512}
 
 
-def build_base(layers=None, smoke=False):
+def build_base(layers=None, smoke=False, dtype="bfloat16"):
     from flax import nnx
 
     from ahn_jax.models.config import QwenConfig
     from ahn_jax.models.qwen import QwenForCausalLM
 
     cfg = dict(QWEN25_3B, num_hidden_layers=layers or QWEN25_3B["num_hidden_layers"], **(SMOKE_DIMS if smoke else {}))
-    return QwenForCausalLM(QwenConfig.from_hf(cfg), dtype="bfloat16", rngs=nnx.Rngs(0))
+    return QwenForCausalLM(QwenConfig.from_hf(cfg), dtype=dtype, rngs=nnx.Rngs(0))
 
 
 def build_hybrid(base, window, sinks):
@@ -222,27 +222,44 @@ def attention_only_seconds(dec, cache, steps):
     return (time.perf_counter() - start) / steps
 
 
-def ring_copies(dec, cache, fused=False):
-    """Copies of a ring-shaped buffer in the compiled, donated decode step (0 = every cache buffer updated in place);
-    fused: with the fused memory kernel (decode.FUSED_MEMORY_DECODE)."""
+def compiled_step_text(dec, cache, fused=None):
+    """The optimised HLO of the compiled, donated decode step; fused: the memory kernel on/off (None: the library's
+    setting, decode.fused_memory_decode_enabled())."""
     from ahn_jax.inference import decode as decode_module
 
+    fused = decode_module.fused_memory_decode_enabled() if fused is None else fused
     fn = jax.jit(decode_module._forward, static_argnums=(0,),
                  static_argnames=("decoding", "first_valid", "all_logits", "fused_memory"), donate_argnums=(2,))
     ids = jnp.zeros((cache.batch, 1), jnp.int32)
-    text = fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0,
+    return fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0,
                     all_logits=False, fused_memory=fused).compile().as_text()
+
+
+def save_step_hlo(dec, cache, out_dir, tag, fused=None):
+    """Write the decode step's optimised HLO (to look up the fusions a profile names) to out_dir; -> the path."""
+    path = os.path.join(out_dir, f"decode_step_{tag}.hlo.txt")
+    with open(path, "w") as f:
+        f.write(compiled_step_text(dec, cache, fused))
+    return path
+
+
+def ring_copies(dec, cache, fused=None):
+    """Copies of a ring-shaped buffer in the compiled, donated decode step (0 = every cache buffer updated in place)."""
+    text = compiled_step_text(dec, cache, fused)
     ring = ",".join(map(str, cache.layers[0].ring_k.shape))
     return sum(1 for line in text.splitlines()
                if ("copy(" in line or "copy-start(" in line) and f"[{ring}]" in line.split("=", 1)[-1][:60])
 
 
 @contextlib.contextmanager
-def fused_memory(on: bool):
+def fused_memory(on):
     """decode.FUSED_MEMORY_DECODE set to `on` inside the block (a static argument of the jitted step: both variants
-    stay compiled side by side)."""
+    stay compiled side by side); None leaves the library's setting."""
     from ahn_jax.inference import decode as decode_module
 
+    if on is None:
+        yield
+        return
     old = decode_module.FUSED_MEMORY_DECODE
     decode_module.FUSED_MEMORY_DECODE = on
     try:
@@ -254,8 +271,9 @@ def fused_memory(on: bool):
 def check_fused(dec, batch, window, sinks):
     """One decode step from the same random cache (a context past the window, so every sequence evicts) with the XLA
     memory step and with the fused kernel: max |difference| of the logits and of every layer's memory state, each
-    also relative to the largest magnitude of the XLA result. bf16 model: a few bf16 ulps are expected (the kernel
-    rounds like the XLA path but sums in another order)."""
+    also relative to the largest magnitude of the XLA result. The state must agree to float32 rounding; the logits of
+    a deep random bf16 model amplify last-bit differences of one readout (H100, 36 layers: 7 % for 1e-3 relative
+    noise in the states), so they are judged against that sensitivity (state_sensitivity), measured alongside."""
     context = window + sinks + 64
     cache = random_cache(dec, batch, context, 2, jax.random.key(11))
     copy = jax.tree.map(jnp.copy, cache)  # the step donates its cache on the GPU
@@ -272,8 +290,52 @@ def check_fused(dec, batch, window, sinks):
 
     states = [diff(n.memory, r.memory) for n, r in zip(new_cache.layers, ref_cache.layers) if r.memory is not None]
     out = {"context": context, "batch": batch, "logits": diff(logits, ref_logits),
-           "state_max_abs": max(d["max_abs"] for d in states), "state_relative": max(d["relative"] for d in states)}
-    out["ok"] = bool(out["logits"]["relative"] < 2e-2 and out["state_relative"] < 2e-2)
+           "state_max_abs": max(d["max_abs"] for d in states), "state_relative": max(d["relative"] for d in states),
+           "sensitivity": state_sensitivity(dec, batch, window, sinks)}
+    out["ok"] = bool(out["state_relative"] < 1e-4 and
+                     out["logits"]["relative"] <= max(1e-4, 2 * out["sensitivity"]["logits_relative"]))
+    return out
+
+
+def state_sensitivity(dec, batch, window, sinks, rel=1e-3):
+    """How far the logits of one (XLA-path) decode step move when every memory state is multiplied by
+    (1 + rel * N(0, 1)): the scale against which a bf16 fused-vs-XLA logits difference is judged (a deep random bf16
+    model amplifies last-bit differences of one layer's memory readout)."""
+    context = window + sinks + 64
+    cache = random_cache(dec, batch, context, 2, jax.random.key(11))
+    layers = list(cache.layers)
+    keys = jax.random.split(jax.random.key(12), len(layers))
+    noisy = tuple(lay if lay.memory is None else lay._replace(memory=jax.tree.map(
+        lambda x: x * (1 + rel * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype), lay.memory))
+        for lay, k in zip(layers, keys))
+    other = cache.replace(layers=noisy)
+    copy = jax.tree.map(jnp.copy, cache)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 500, size=(batch, 1)), jnp.int32)
+    with fused_memory(False):
+        ref, _ = dec.step(tokens, copy)
+        moved, _ = dec.step(tokens, other)
+    err = float(jnp.abs(moved - ref).max())
+    return {"state_noise_relative": rel, "logits_max_abs": err, "logits_relative": err / float(jnp.abs(ref).max())}
+
+
+def fused_check_only(args, out_dir):
+    """--fused-check-only: the fused memory kernel against the XLA path at Qwen2.5-3B widths, in float32 at the
+    highest matmul precision (must agree to float32 rounding) and in bfloat16 (against the state-noise sensitivity
+    of the same model), for each of --check-layers layer counts. Writes $OUT/fused_check.json."""
+    from ahn_jax.inference.decode import Decoder
+
+    window, sinks = 256, 16  # widths as in the benchmark; the ring's length does not change the memory step
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "window": window, "sinks": sinks, "checks": []}
+    for dtype in ("float32", "bfloat16"):
+        for layers in [int(n) for n in args.check_layers.split(",")]:
+            dec = Decoder(build_hybrid(build_base(layers, args.smoke, dtype), window, sinks))
+            with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+                row = {"dtype": dtype, "layers": layers, "check": check_fused(dec, 1, window, sinks)}
+            print(row, flush=True)
+            out["checks"].append(row)
+            with open(os.path.join(out_dir, "fused_check.json"), "w") as f:
+                json.dump(out, f, indent=2)
+            del dec
     return out
 
 
@@ -327,21 +389,31 @@ def main(argv=None):
     p.add_argument("--greedy-steps", type=int, default=32,
                    help="with --profile: also time Decoder.greedy, this many tokens per compiled device loop")
     p.add_argument("--keep-trace", action="store_true", help="with --profile: also copy the raw trace into $OUT")
+    p.add_argument("--keep-hlo", action="store_true",
+                   help="with --profile: also write the profiled hybrid step's optimised HLO to $OUT (to look up "
+                        "the fusions that the trace summary's top_kernels name)")
     p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="for the bandwidth floor column (H100 SXM)")
     p.add_argument("--fused-memory", action="store_true",
                    help="also time (and check, and with --profile profile) the hybrid with the fused Pallas memory "
                         "decode step (decode.FUSED_MEMORY_DECODE), as rows of kind hybrid_fused")
+    p.add_argument("--fused-check-only", action="store_true",
+                   help="only compare the fused memory kernel with the XLA path (float32 and bf16, --check-layers "
+                        "layer counts) and the logits' sensitivity to 1e-3 state noise; writes fused_check.json")
+    p.add_argument("--check-layers", default="1,4,36", help="with --fused-check-only: model depths to check")
     p.add_argument("--smoke", action="store_true", help="tiny dims, 2 layers, short contexts: checks the script on CPU")
     args = p.parse_args(argv)
     if args.smoke:
         args.contexts, args.batches, args.windows, args.sinks = "96,160", "1,2", "48,16", 4
         args.layers, args.prefill_length, args.prefill_chunk, args.steps, args.repeats = 2, 200, 64, 3, 2
 
+    from ahn_jax.inference import decode as decode_module
     from ahn_jax.inference.cache import cache_nbytes
     from ahn_jax.inference.decode import Decoder
 
     out_dir = os.environ.get("OUT", ".")
     os.makedirs(out_dir, exist_ok=True)
+    if args.fused_check_only:
+        return fused_check_only(args, out_dir)
     device = jax.devices()[0]
     limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else \
         0.85 * (device.memory_stats() or {}).get("bytes_limit", 80 * 2 ** 30)
@@ -375,7 +447,12 @@ def main(argv=None):
             result["prefill"][f"full_{args.prefill_length}"] = r
             print("prefill full", r, flush=True)
 
-    def run_row(name, dec, window, context, batch, fused=False):
+    # "hybrid" rows use the memory decode step the library picks (decode.FUSED_MEMORY_DECODE, "auto": fused on GPUs);
+    # with --fused-memory they are forced to the XLA step and "hybrid_fused" rows to the kernel.
+    hybrid_fused = False if args.fused_memory else None
+    result["fused_memory_default"] = decode_module.fused_memory_decode_enabled()
+
+    def run_row(name, dec, window, context, batch, fused=None):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
                "cache_bytes": cache_bytes_estimate(dec, batch, context, args.steps * args.repeats + 2)}
         # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
@@ -406,10 +483,13 @@ def main(argv=None):
         context = max(contexts)
         if cache_bytes_estimate(full, args.profile_batch, context, 8) <= limit:
             cache = random_cache(full, args.profile_batch, context, 8, jax.random.key(8))
-            summary, _, cache = profile_decode(full, cache, out_dir, f"full_b{args.profile_batch}")
+            summary, files, cache = profile_decode(full, cache, out_dir, f"full_b{args.profile_batch}",
+                                                   args.keep_trace)
             greedy_s, cache = time_greedy(full, cache, args.greedy_steps)
+            if args.keep_hlo:
+                files.append(save_step_hlo(full, cache, out_dir, f"full_b{args.profile_batch}"))
             result["profile_full"] = {"context": context, "batch": args.profile_batch, "trace_summary": summary,
-                                      f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
+                                      "trace_files": files, f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
             del cache
             print("profile full", json.dumps(summary)[:2000], flush=True)
     for window in windows:
@@ -424,21 +504,27 @@ def main(argv=None):
             save()
         for context in contexts:
             for batch in batches:
-                run_row("hybrid", hybrid, window, context, batch)
+                run_row("hybrid", hybrid, window, context, batch, fused=hybrid_fused)
                 if args.fused_memory:
                     run_row("hybrid_fused", hybrid, window, context, batch, fused=True)
         if args.profile and window == windows[0]:
             cache = random_cache(hybrid, args.profile_batch, max(contexts), 8, jax.random.key(9))
-            summary, files, cache = profile_decode(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}",
-                                                   args.keep_trace)
-            step_s, cache = time_decode(hybrid, cache, args.steps, 1)
-            greedy_s, cache = time_greedy(hybrid, cache, args.greedy_steps)
+            with fused_memory(hybrid_fused):
+                summary, files, cache = profile_decode(hybrid, cache, out_dir,
+                                                       f"hybrid_w{window}_b{args.profile_batch}", args.keep_trace)
+                step_s, cache = time_decode(hybrid, cache, args.steps, 1)
+                greedy_s, cache = time_greedy(hybrid, cache, args.greedy_steps)
+                if args.keep_hlo:
+                    files.append(save_step_hlo(hybrid, cache, out_dir, f"hybrid_w{window}_b{args.profile_batch}",
+                                               hybrid_fused))
             attn_s = attention_only_seconds(hybrid, cache, args.steps)
             result["profile"] = {"window": window, "context": max(contexts), "batch": args.profile_batch,
                                  "trace_files": files, "trace_summary": summary, "step_ms": 1e3 * step_s,
                                  "attention_only_ms": 1e3 * attn_s,
                                  "rest_ms (weights, memory, writes)": 1e3 * (step_s - attn_s),
-                                 "ring_copies_in_compiled_step": ring_copies(hybrid, cache),
+                                 "fused_memory": decode_module.fused_memory_decode_enabled()
+                                 if hybrid_fused is None else hybrid_fused,
+                                 "ring_copies_in_compiled_step": ring_copies(hybrid, cache, fused=hybrid_fused),
                                  f"greedy_{args.greedy_steps}_ms_per_token": 1e3 * greedy_s}
             del cache
             print("profile", json.dumps(result["profile"])[:3000], flush=True)

@@ -47,7 +47,8 @@ def _busy(intervals):
 def summarize(events, *, steps=1, top=25):
     """events: the trace's "traceEvents" list. -> {"process | thread": {events_per_step, event_ms_per_step (nested events
     count twice: on a GPU stream they do not nest),
-    busy_ms_per_step, span_ms_per_step, busy_fraction, top: [[name, count per step, ms per step], ...]}} for every
+    busy_ms_per_step, span_ms_per_step, busy_fraction, top: [[name, count per step, ms per step], ...] grouped by name
+    stem, top_kernels: the same by exact name (look them up in the module's HLO), event_args: arg keys}} for every
     process that is not the host's Python/runtime threads (names starting with '/device:')."""
     names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -64,10 +65,11 @@ def summarize(events, *, steps=1, top=25):
         intervals = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in evs]
         span = max(b for _, b in intervals) - min(a for a, _ in intervals)
         by_name = collections.defaultdict(lambda: [0, 0.0])
+        by_kernel = collections.defaultdict(lambda: [0, 0.0])  # exact names: one fusion of the HLO module each
         for e in evs:
-            slot = by_name[_short(e.get("name", "?"))]
-            slot[0] += 1
-            slot[1] += float(e["dur"])
+            for table, key in ((by_name, _short(e.get("name", "?"))), (by_kernel, e.get("name", "?"))):
+                table[key][0] += 1
+                table[key][1] += float(e["dur"])
         busy = _busy(intervals)
         out[f"{names.get(pid, pid)} | {threads.get((pid, tid), tid)}"] = {
             "events_per_step": len(evs) / steps,
@@ -77,6 +79,9 @@ def summarize(events, *, steps=1, top=25):
             "busy_fraction": busy / span if span else None,
             "top": [[n, c / steps, round(t / 1e3 / steps, 4)]
                     for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]],
+            "top_kernels": [[n, c / steps, round(t / 1e3 / steps, 4)]
+                            for n, (c, t) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:2 * top]],
+            "event_args": sorted(evs[0].get("args", {}))[:20],
         }
     return out
 

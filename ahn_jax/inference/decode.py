@@ -44,12 +44,21 @@ DEFAULT_PREFILL_CHUNK = 4096
 # ~0.6 GB (and for the teacher at 128k context ~2 GB) at the cost of a sequential loop over the tiles.
 PREFILL_QUERY_TILE = 256
 # The DeltaNet / Gated DeltaNet decode memory step as one Pallas kernel per layer (pallas_kernels/memory_decode.py)
-# instead of ~20 small XLA kernels (benchmarks/RESULTS.md, "Third version"); interpret mode off the GPU. Off until timed
-# on the GPU. Read per call and passed to the jitted step as a static argument (flipping it recompiles, never stale).
-FUSED_MEMORY_DECODE = False
+# instead of ~20 small XLA kernels. "auto": on GPUs only (H100, Qwen2.5-3B shapes: 1.14x at batch 1, 1.02-1.05x at
+# batch 32; float32 logits equal the XLA path's to 3e-6: benchmarks/RESULTS.md, "Fourth version"); elsewhere it would
+# run in Pallas interpret mode (slow on CPU; TPU untested). True / False force it. Read per call and passed to the
+# jitted step as a static argument (flipping it recompiles, never stale).
+FUSED_MEMORY_DECODE = "auto"
 # Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
 # are zeroed explicitly.
 _MASKED = -1e30
+
+
+def fused_memory_decode_enabled() -> bool:
+    """FUSED_MEMORY_DECODE resolved for this process's default backend."""
+    if FUSED_MEMORY_DECODE == "auto":
+        return jax.default_backend() == "gpu"
+    return bool(FUSED_MEMORY_DECODE)
 
 
 def model_parts(model, teacher: bool = False):
@@ -439,7 +448,7 @@ class Decoder:
         # The tile and the fused-memory switch are read per call (static arguments: changing PREFILL_QUERY_TILE or
         # FUSED_MEMORY_DECODE recompiles, never goes stale).
         return self._fn(self._leaves, cache, ids, active, decoding=decoding, first_valid=first_valid,
-                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE, fused_memory=bool(FUSED_MEMORY_DECODE))
+                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE, fused_memory=fused_memory_decode_enabled())
 
     def prefill(self, input_ids, lengths=None, *, chunk=None, max_length=None, return_all_logits=False):
         """input_ids [B, T] int (right-padded), lengths [B] (default T) -> (logits_last [B, V] float32, cache), or
@@ -499,7 +508,7 @@ class Decoder:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"greedy: steps must be an int >= 1, got {steps!r}")
         treedef = jax.tree.structure(self.state)
-        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps, bool(FUSED_MEMORY_DECODE))
+        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps, fused_memory_decode_enabled())
         return fn(self._leaves, cache, token_ids)
 
     def decode(self, token_ids, cache: InferenceCache, *, active=None):
