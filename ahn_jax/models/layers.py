@@ -45,6 +45,22 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * xf.astype(x.dtype)
 
 
+# A single-row product (decode at batch 1) is computed on two rows, the second zero. XLA's GPU pipeline rewrites a
+# matrix-vector dot with fewer than 10^7 weights into multiply + reduce over the weight's major axis
+# (DotStrengthReduction); on the H100 that made o_proj of Qwen2.5-3B a ~0.3 TB/s reduction, 1 ms of a 7 ms decode
+# step. Two rows keep the tensor-core gemm: 36 chained 2048 x 2048 projections 21.1 -> 11.7 us each, 2048 x 11008
+# 35.2 -> 27.0 us (benchmarks/bench_matvec.py; benchmarks/RESULTS.md). The weights are read once either way.
+MATVEC_ROWS = 2
+
+
+def _dot_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., in] @ kernel [in, out] with float32 accumulation (see MATVEC_ROWS for a single row)."""
+    if math.prod(x.shape[:-1]) != 1 or MATVEC_ROWS <= 1:
+        return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+    rows = jnp.pad(x.reshape(1, x.shape[-1]), ((0, MATVEC_ROWS - 1), (0, 0)))
+    return jnp.dot(rows, kernel, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel [in, out]."""
 
@@ -55,7 +71,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] in the kernel dtype (float32 accumulation)."""
         kernel = self.kernel[...]
-        y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+        y = _dot_rows(x.astype(kernel.dtype), kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(kernel.dtype)

@@ -9,7 +9,7 @@ from flax import nnx
 
 from ahn_jax.models.attention import QwenAttention, default_positions
 from ahn_jax.models.config import QwenConfig, YarnScaling
-from ahn_jax.models.layers import RMSNorm, RotaryEmbedding, rope_inv_freq
+from ahn_jax.models.layers import Linear, RMSNorm, RotaryEmbedding, rope_inv_freq
 
 
 def test_rmsnorm_matches_numpy_and_hf_cast_order():
@@ -120,3 +120,16 @@ def test_attention_seams_compose_to_call():
     q, k, v = attn.project(u, pos)
     assert q.shape == (1, 12, 4, 8) and k.shape == v.shape == (1, 12, 2, 8)
     np.testing.assert_allclose(attn(u, pos), attn.output(attn.attend(q, k, v)), atol=1e-6)
+
+
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (1, 1, 1), (2, 1), (3,)])
+def test_linear_single_row_path_equals_the_plain_product(lead):
+    """A single row goes through a 2-row product (layers.MATVEC_ROWS: keeps XLA's GPU gemm); same values, shapes."""
+    lin = Linear(16, 8, bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (*lead, 16), jnp.float32)
+    want = x @ lin.kernel[...] + lin.bias[...]
+    got = jax.jit(lambda x: lin(x))(x)
+    assert got.shape == (*lead, 8)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    text = jax.jit(lambda x: lin(x)).lower(x).as_text()
+    assert ("pad" in text) == (int(np.prod(lead)) == 1)  # the 2-row form only for a single row
