@@ -379,6 +379,8 @@ def main():
     ap.add_argument("--tune-forward", action="store_true", help="also time the WY inverses (product is the default)")
     ap.add_argument("--xla", action="store_true", help="also time the pure-XLA chunk op at the first shape")
     ap.add_argument("--budget-s", type=float, default=400.0, help="skip the shapes not started by then")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated op:shape-index pairs to run, e.g. 'gated:1,gated:2,plain:1' (default: all)")
     args = ap.parse_args()
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     log("device", jax.devices()[0], "jax", jax.__version__)
@@ -398,6 +400,9 @@ def main():
     # Most informative first, so that the time budget drops the least: both ops at the first shape, then the plain
     # rule (FLA's gated backward fails on Triton 3.6, so fwd+bwd ratios exist only for the plain rule), then gated.
     plan = [(shapes[0], True), (shapes[0], False)] + [(s, False) for s in shapes[1:]] + [(s, True) for s in shapes[1:]]
+    if args.only:
+        wanted = {(op == "gated", int(i)) for op, i in (item.split(":") for item in args.only.split(","))}
+        plan = [(s, gated) for s, gated in plan if (gated, shapes.index(s)) in wanted]
     for i, (shape, gated) in enumerate(plan):
         op = "gated_delta_rule" if gated else "delta_rule"
         if time.time() - START > args.budget_s:

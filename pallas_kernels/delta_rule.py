@@ -36,6 +36,19 @@ from pallas_kernels.delta_rule_wy import wy_factors_pallas, wy_factors_vjp_palla
 # sequences need block_v small enough that B*H*V/block_v programs fill the GPU's SMs (benchmarks/NOTES_delta_rule.md).
 DEFAULT_BLOCK_V = 16  # best on the H100 at B1 T32768 H16 D128: with PRECOMPUTE_ATTN 64: 2.28 ms, 32: 1.55, 16: 1.51
 FWD_WARPS = 4
+# Triton software-pipelining stages of the sequential forward kernel's chunk loop (prefetches the next chunks' q, k,
+# W, U, scores while the state update runs). H100, gated, B1 T32768 H16 D128 forward (benchmarks/sweep_delta_rule.py):
+# 1 stage 2.71 ms, 2: 2.10, 3: 1.72-1.74, 4: 1.71, 5: over the 227 KB of shared memory. Above D 128 the buffers
+# double: 3 stages at D 256 ask for 288 KB, so wide heads keep 2. The extra stage also costs occupancy, which only
+# pays when programs are few: at B8 T4096 H16 (1,024 programs) the delta-rule forward went 1.90 -> 2.49 ms with 3.
+# So: FWD_STAGES when the grid has at most FWD_STAGES_MAX_PROGRAMS programs and D <= 128, else FWD_STAGES_WIDE.
+FWD_STAGES = 3
+FWD_STAGES_WIDE = 2
+FWD_STAGES_MAX_PROGRAMS = 256  # ~2 per SM on an H100 (132 SMs)
+
+
+def _fwd_stages(programs: int, dk: int) -> int:
+    return FWD_STAGES if dk <= 128 and programs <= FWD_STAGES_MAX_PROGRAMS else FWD_STAGES_WIDE
 BWD_WARPS = 8
 USE_PALLAS_WY = True  # False: the forward prepares W, U with XLA's triangular_solve (the previous design)
 # The WY kernel also writes the masked, decayed intra-chunk Q K^T that the forward kernel would otherwise recompute
@@ -57,6 +70,10 @@ DQKW_BLOCK_K = 64  # K block (grid axis) of the dq/dk/dw kernel: keeps its three
 DQKW_BLOCK_V = 32  # V block looped over inside it
 DQKW_WARPS = 4
 BWD_BLOCK_V = None
+# Pipelining stages of the reverse sweep's chunk loop and of the dq/dk/dw kernel's loop over V blocks: 2-3 gave
+# nothing on the H100 (gated fwd+bwd 13.12-13.88 ms vs 13.18 with 1 stage each; benchmarks/sweep_delta_rule.py).
+BWD_STAGES = 1
+DQKW_STAGES = 1
 
 
 def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
@@ -236,7 +253,8 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_s
                                save_states=save_states, has_attn=attn is not None)
     args = [q, k, w, u] + ([gc] if gated else []) + ([] if attn is None else [attn]) + [h0]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, dv // block_v), interpret=interpret,
-                          compiler_params=triton_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS, 2),
+                          compiler_params=triton_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS,
+                                                        _fwd_stages(b * h * (dv // block_v), dk)),
                           name="delta_rule_fwd")(*args)
     return outs
 
@@ -264,7 +282,7 @@ def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_
     kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
     args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
-                          compiler_params=triton_params(BWD_WARPS, 1), name="delta_rule_bwd_sweep")(*args)
+                          compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="delta_rule_bwd_sweep")(*args)
     du, u_new, dstates = outs[:3]
     dh0 = outs[-1]
 
@@ -278,7 +296,7 @@ def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_
                                gated=gated)
     args = [q, k] + ([gc] if gated else []) + [states, dstates, do, u_new, du]
     outs2 = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, n, nk), interpret=interpret,
-                           compiler_params=triton_params(DQKW_WARPS, 1), name="delta_rule_bwd_dqkw")(*args)
+                           compiler_params=triton_params(DQKW_WARPS, DQKW_STAGES), name="delta_rule_bwd_dqkw")(*args)
     dq, dk_, dw = outs2[:3]
     dgc = None
     if gated:

@@ -1,0 +1,187 @@
+"""Tuning sweep of the Pallas (gated) delta rule at B1 T32768 H16 D128 on the GPU, against FLA 0.6.0.
+
+The sequential kernels walk T / chunk chunks one after another and are latency-bound at batch 1 (128 programs on
+132 SMs at block_v 16). This sweep asks which launch knobs pay: chunk 128 (half the sequential steps, more work per
+step), Triton's software-pipelining stages (prefetching the next chunks' loads), warps and block_v.
+(1) forward variants: each output checked against the float32 token-by-token scan, then timed (the WY kernel alone
+too); (2) `--backward`: forward+backward variants of the backward kernels' stages, gradients checked against the
+first variant's before timing; (3) `--check-dims`: the defaults compile and agree with the scan at D 64 and 256.
+FLA's chunk forward is timed in the same process for the ratio.
+
+Usage (GPU, wheels of flash-linear-attention/fla-core on PYTHONPATH):
+  PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/sweep_delta_rule.py [--backward] [--check-dims] [--smoke]
+Writes $OUT/sweep_delta_rule.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_delta_rule as bdr  # noqa: E402  (sets the JAX memory fraction before jax starts)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_util import rel, time_jax  # noqa: E402
+from pallas_kernels import delta_rule as pk  # noqa: E402
+from pallas_kernels import delta_rule_wy as wy  # noqa: E402
+from pallas_kernels.common import chunk_cumsum  # noqa: E402
+
+# name, chunk, block_v (None = default), pallas_kernels.delta_rule knobs
+# First sweep (H100, 2026-11-22): c64 stages 1/2/3 2.71/2.10/1.74 ms, c128 5.91 (WY 4.58), c128 with 8 warps or 3
+# stages exceeds shared memory: stages 3 became the default, chunk 128 was dropped.
+VARIANTS = [
+    ("defaults", 64, None, {}),
+    ("stages4", 64, None, {"FWD_STAGES": 4}),
+    ("stages5", 64, None, {"FWD_STAGES": 5}),
+    ("stages3 w8", 64, None, {"FWD_WARPS": 8}),
+    ("stages3 bv32", 64, 32, {}),
+    ("stages4 bv32 w8", 64, 32, {"FWD_STAGES": 4, "FWD_WARPS": 8}),
+]
+# Backward knobs (forward+backward timed): the reverse sweep and the dq/dk/dw kernel ran with 1 stage so far.
+BWD_VARIANTS = [
+    ("bwd defaults", {}),
+    ("sweep s2", {"BWD_STAGES": 2}),
+    ("sweep s3", {"BWD_STAGES": 3}),
+    ("sweep s3 dqkw s2", {"BWD_STAGES": 3, "DQKW_STAGES": 2}),
+    ("sweep s3 dqkw s3", {"BWD_STAGES": 3, "DQKW_STAGES": 3}),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="1,32768,16,128", help="B,T,H,D")
+    ap.add_argument("--smoke", action="store_true", help="tiny shape in interpret mode (CPU check of the script)")
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--backward", action="store_true", help="also time forward+backward variants (BWD_VARIANTS)")
+    ap.add_argument("--check-dims", action="store_true",
+                    help="also check that the defaults compile and agree with the scan at D 64 and 256 (T 4096)")
+    args = ap.parse_args(argv)
+    b, t, h, d = (int(n) for n in ("1,256,2,32" if args.smoke else args.shape).split(","))
+    x = bdr.make_inputs(b, t, h, d)
+    q, k, v, g, beta, _ = bdr.device_inputs(x, True)
+    o_ref, _ = jax.jit(bdr.scan_reference, static_argnums=5)(q, k, v, g, beta, d ** -0.5)
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "shape": [b, t, h, d], "rows": []}
+    interp = jax.default_backend() not in ("gpu", "tpu")
+    if not args.no_fla and not args.smoke:
+        import torch
+        import triton
+
+        tq = {n: torch.from_numpy(x[n]).cuda().to(torch.bfloat16) for n in ("q", "k", "v", "beta")}
+        tg = torch.from_numpy(x["g"]).cuda()
+        f = bdr.fla_fn(True)
+        o_fla = f(tq["q"], tq["k"], tq["v"], tg, tq["beta"])
+        out["fla"] = {"rel_err_vs_scan": rel(jnp.asarray(o_fla.float().cpu().numpy()), o_ref),
+                      "fwd_ms": triton.testing.do_bench(lambda: f(tq["q"], tq["k"], tq["v"], tg, tq["beta"]),
+                                                        return_mode="median")}
+        print("fla", out["fla"], flush=True)
+        del tq, tg
+        torch.cuda.empty_cache()
+    for name, chunk, block_v, knobs in VARIANTS:
+        prev = bdr.set_knobs(knobs)
+        row = {"variant": name, "chunk": chunk, "block_v": block_v, "knobs": knobs}
+        try:
+            fwd = jax.jit(lambda q, k, v, g, beta, c=chunk, bv=block_v: pk.gated_delta_rule(
+                q, k, v, g, beta, scale=d ** -0.5, chunk_size=c, block_v=bv, interpret=interp or None)[0])
+            row["rel_err_vs_scan"] = rel(fwd(q, k, v, g, beta), o_ref)
+            if row["rel_err_vs_scan"] > 1e-2:
+                row["skipped"] = "disagrees with the float32 scan"
+            else:
+                row["fwd_ms"] = time_jax(fwd, q, k, v, g, beta, reps=20, warmup=3)
+                gc = chunk_cumsum(g, chunk)
+                wyf = jax.jit(lambda q, k, v, beta, gc, c=chunk: wy.wy_factors_pallas(k, v, beta, gc, c,
+                                                                                      interpret=interp, q=q))
+                row["wy_ms"] = time_jax(wyf, q, k, v, beta, gc, reps=20, warmup=3)
+                if "fla" in out:
+                    row["vs_fla"] = row["fwd_ms"] / out["fla"]["fwd_ms"]
+        except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result
+            row["error"] = bdr.err(e)
+        finally:
+            bdr.set_knobs(prev)
+        print(row, flush=True)
+        out["rows"].append(row)
+        _save(out)
+    if args.backward:
+        backward_variants(out, q, k, v, g, beta, x, d, interp)
+    if args.check_dims:
+        check_dims(out, args.smoke, interp)
+    print(f"\n{'variant':<16}{'fwd ms':>9}{'WY ms':>8}{'x FLA':>7}{'rel err':>9}")
+    for r in out["rows"]:
+        print(f"{r['variant']:<16}{r.get('fwd_ms', float('nan')):>9.3f}{r.get('wy_ms', float('nan')):>8.3f}"
+              f"{r.get('vs_fla', float('nan')):>7.2f}{r.get('rel_err_vs_scan', float('nan')):>9.1e}"
+              f"  {r.get('error', r.get('skipped', ''))[:80]}")
+    for r in out.get("backward", []):
+        print(f"{r['variant']:<20} fwd+bwd {r.get('fwdbwd_ms', float('nan')):8.3f} ms  grad rel vs first "
+              f"{r.get('grad_rel_err', float('nan')):.1e}  {r.get('error', r.get('skipped', ''))[:80]}")
+    for r in out.get("dims", []):
+        print("dims", r)
+    return out
+
+
+def _save(out):
+    with open(os.path.join(bdr.out_dir(), "sweep_delta_rule.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+
+
+def backward_variants(out, q, k, v, g, beta, x, d, interp):
+    cot = jnp.asarray(x["cot"], jnp.bfloat16)
+    first = None
+    out["backward"] = []
+    for name, knobs in BWD_VARIANTS:
+        prev = bdr.set_knobs(knobs)
+        row = {"variant": name, "knobs": knobs}
+        try:
+            fb = jax.jit(jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(pk.gated_delta_rule(
+                q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0].astype(jnp.float32) * cot),
+                (0, 1, 2, 3, 4)))
+            grads = fb(q, k, v, g, beta, cot)
+            first = grads if first is None else first
+            row["grad_rel_err"] = max(rel(a, b) for a, b in zip(grads, first))
+            if row["grad_rel_err"] > 1e-2:
+                row["skipped"] = "gradients disagree with the first variant's"
+            else:
+                row["fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=2)
+                if "fla" in out:
+                    row["vs_fla_delta_rule_fwdbwd_5.19ms"] = row["fwdbwd_ms"] / 5.19
+        except Exception as e:  # noqa: BLE001
+            row["error"] = bdr.err(e)
+        finally:
+            bdr.set_knobs(prev)
+        print(row, flush=True)
+        out["backward"].append(row)
+        _save(out)
+
+
+def check_dims(out, smoke, interp):
+    """The defaults at D 64 and 256: forward output and final state against the float32 scan, and one backward."""
+    out["dims"] = []
+    for d in (64, 256):
+        b, t, h = (1, 128, 2) if smoke else (1, 4096, 16)
+        x = bdr.make_inputs(b, t, h, d, seed=d)
+        q, k, v, g, beta, cot = bdr.device_inputs(x, True)
+        row = {"shape": [b, t, h, d]}
+        try:
+            o_ref, _ = jax.jit(bdr.scan_reference, static_argnums=5)(q, k, v, g, beta, d ** -0.5)
+            fwd = jax.jit(lambda q, k, v, g, beta: pk.gated_delta_rule(q, k, v, g, beta, scale=d ** -0.5,
+                                                                       interpret=interp or None)[0])
+            row["rel_err_vs_scan"] = rel(fwd(q, k, v, g, beta), o_ref)
+            fb = jax.jit(jax.grad(lambda q, k, v, g, beta: jnp.sum(pk.gated_delta_rule(
+                q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0].astype(jnp.float32) * cot),
+                (0, 1, 2, 3, 4)))
+            fb_ref = jax.jit(jax.grad(lambda q, k, v, g, beta: jnp.sum(bdr.scan_reference(
+                q, k, v, g, beta, d ** -0.5)[0] * cot.astype(jnp.float32)), (0, 1, 2, 3, 4)))
+            row["grad_rel_err_vs_scan"] = max(rel(a, b) for a, b in zip(fb(q, k, v, g, beta),
+                                                                       fb_ref(q, k, v, g, beta)))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = bdr.err(e)
+        print("dims", row, flush=True)
+        out["dims"].append(row)
+        _save(out)
+
+
+if __name__ == "__main__":
+    main()
