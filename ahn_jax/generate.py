@@ -18,6 +18,13 @@ import sys
 MEMORIES = ("gated_deltanet", "deltanet", "mamba2", "ttt_mlp")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ahn_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy-block", type=_positive_int, default=None,
+                   help="greedy tokens per compiled device loop (default 16; 1 = one host call per token); the "
+                        "text streams per block")
     p.add_argument("--stop", action="append", default=[], help="extra stop token (string); repeatable")
     p.add_argument("--teacher", action="store_true", help="full attention with a growing KV cache (no memory)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
@@ -85,7 +95,8 @@ def main(argv=None) -> int:
 
     generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_p=args.top_p, top_k=args.top_k, stop_tokens=args.stop, stream=stream, seed=args.seed,
-             chat=False if args.no_chat else None, teacher=args.teacher, chunk=args.prefill_chunk)
+             chat=False if args.no_chat else None, teacher=args.teacher, chunk=args.prefill_chunk,
+             greedy_block=args.greedy_block)
     sys.stdout.write("\n")
     return 0
 

@@ -2,8 +2,9 @@
 
 The prompt goes through the tokenizer's chat template (a list of {"role", "content"} messages, or a plain string
 turned into one user message when the tokenizer has a template and chat is not False), is prefilled in chunks, then
-tokens are sampled one at a time (greedy when temperature <= 0) until a stop token or max_new_tokens. Text is streamed
-to a callback as it becomes decodable; prefill and decode tokens/s are printed at the end (stderr).
+tokens are sampled one at a time, or for greedy decoding (temperature <= 0) taken in blocks of GREEDY_BLOCK per
+compiled device loop, until a stop token or max_new_tokens. Text is streamed to a callback as it becomes decodable
+(per block when greedy); prefill and decode tokens/s are printed at the end (stderr).
 """
 
 from __future__ import annotations
@@ -95,19 +96,32 @@ class _Streamer:
         self.sent = text
 
 
+# Greedy decoding runs this many tokens per compiled device loop (Decoder.greedy) and checks stop tokens after each
+# block: one host round trip per block instead of per token. On an H100 the hybrid's per-token host work (XLA
+# re-recording its CUDA graph) made a batch-1 step 6.5-11 ms where the GPU needs 5.3 (benchmarks/RESULTS.md). A block
+# may run a few tokens past a stop token or max_new_tokens; they are dropped (the cache is not returned).
+GREEDY_BLOCK = 16
+
+
 def generate(model, tokenizer, prompt, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, stop_tokens=None, stream=None, seed: int = 0, chat=None, teacher: bool = False,
-             chunk=None, decoder: Decoder | None = None, print_stats: bool = True) -> GenerationResult:
+             chunk=None, decoder: Decoder | None = None, print_stats: bool = True,
+             greedy_block: int | None = None) -> GenerationResult:
     """Generate a reply to `prompt` (str or chat messages) with the fixed-size cache.
 
     temperature <= 0: greedy; else sampling with top_k (0 = off) and top_p (1.0 = off) from a PRNG key made from
     `seed`. stop_tokens: extra stop ids or token strings (eos and <|im_end|> always stop; the stop token is not in the
     text). stream: callable(str) receiving text pieces as they are generated. teacher: full attention with a growing
     KV cache (for comparison). chunk: prefill chunk (default 4096). decoder: a Decoder to reuse across calls (its
-    compiled functions are kept). Returns a GenerationResult (text, token_ids, timings).
+    compiled functions are kept). greedy_block: greedy tokens per device loop (default GREEDY_BLOCK; 1 = one host call
+    per token; sampling always goes token by token). Returns a GenerationResult (text, token_ids, timings).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    block = GREEDY_BLOCK if greedy_block is None else greedy_block
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"generate: greedy_block must be an int >= 1, got {block!r}")
+    block = block if temperature <= 0 else 1
     ids = prompt_ids(tokenizer, prompt, chat=chat)
     if not ids:
         raise ValueError("generate: the prompt is empty after tokenisation")
@@ -118,13 +132,14 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 256, temperature
     streamer = _Streamer(tokenizer, stream)
 
     start = time.perf_counter()
+    # The teacher's KV buffer also holds what a last greedy block runs past max_new_tokens.
     logits, cache = dec.prefill(np.asarray([ids], np.int32), chunk=chunk,
-                                max_length=len(ids) + max_new_tokens if dec.teacher else None)
+                                max_length=len(ids) + max_new_tokens + block if dec.teacher else None)
     key, sub = jax.random.split(key)
     token = int(pick(logits, sub)[0])  # blocks until the prefill is done
     prefill_s = time.perf_counter() - start
 
-    new, stopped_by = [], "max_new_tokens"
+    new, pending, stopped_by = [], [], "max_new_tokens"
     start = time.perf_counter()
     while True:
         if token in stops:
@@ -134,9 +149,15 @@ def generate(model, tokenizer, prompt, *, max_new_tokens: int = 256, temperature
         streamer.update(new)
         if len(new) >= max_new_tokens:
             break
-        logits, cache = dec.decode(jnp.asarray([token], jnp.int32), cache)
-        key, sub = jax.random.split(key)
-        token = int(pick(logits, sub)[0])
+        if not pending:
+            if block > 1:  # greedy: `block` tokens in one device loop, read back once
+                generated, cache = dec.greedy(jnp.asarray([[token]], jnp.int32), cache, block)
+                pending = [int(t) for t in np.asarray(generated)[0]]
+            else:
+                logits, cache = dec.decode(jnp.asarray([token], jnp.int32), cache)
+                key, sub = jax.random.split(key)
+                pending = [int(pick(logits, sub)[0])]
+        token = pending.pop(0)
     decode_s = time.perf_counter() - start
     streamer.update(new, final=True)
     result = GenerationResult(text=streamer.sent, token_ids=new, prompt_tokens=len(ids), prefill_seconds=prefill_s,

@@ -96,6 +96,40 @@ def test_generate_greedy_matches_the_parallel_forward(capsys):
     assert chosen == greedy[len(ids) - 1:len(ids) - 1 + len(chosen)].tolist()
 
 
+@pytest.mark.parametrize("teacher", [False, True])
+def test_greedy_blocks_give_the_token_by_token_result(teacher, monkeypatch):
+    """generate's greedy path in device blocks (Decoder.greedy) = one decode call per token: same tokens, text and
+    stop, for blocks that end before, at and after max_new_tokens."""
+    import ahn_jax
+    from ahn_jax.data.tokenizer import load_tiny_tokenizer
+    from ahn_jax.inference.decode import Decoder
+
+    blocks = []
+    greedy = Decoder.greedy
+    monkeypatch.setattr(Decoder, "greedy", lambda self, ids, cache, steps: blocks.append(steps) or
+                        greedy(self, ids, cache, steps))
+
+    tok = load_tiny_tokenizer()
+    model = make("gated_deltanet", 5, 3)
+    prompt = [{"role": "user", "content": "a b c d e f g h i j"}]  # this random model does not stop at once on it
+    runs = {b: ahn_jax.generate(model, tok, prompt, max_new_tokens=7, temperature=0.0, stop_tokens=[],
+                                greedy_block=b, teacher=teacher, print_stats=False) for b in (1, 3, 7, 16)}
+    ref = runs[1]
+    assert ref.token_ids
+    assert blocks.count(3) == 2 and blocks.count(7) == 1 and blocks.count(16) == 1  # (7 tokens: 1 from the prefill)
+    for b, out in runs.items():
+        assert (out.token_ids, out.text, out.stopped_by, out.stop_token_id) == \
+            (ref.token_ids, ref.text, ref.stopped_by, ref.stop_token_id), b
+    # A stop token inside a block: stop at the first generated token of the reference run.
+    stop = ref.token_ids[1] if len(ref.token_ids) > 1 else ref.token_ids[0]
+    cut = [ahn_jax.generate(model, tok, prompt, max_new_tokens=7, temperature=0.0, stop_tokens=[stop],
+                            greedy_block=b, teacher=teacher, print_stats=False) for b in (1, 16)]
+    assert cut[0].stopped_by == cut[1].stopped_by == "stop_token"
+    assert cut[0].token_ids == cut[1].token_ids == ref.token_ids[:ref.token_ids.index(stop)]
+    with pytest.raises(ValueError, match="greedy_block"):
+        ahn_jax.generate(model, tok, prompt, max_new_tokens=2, greedy_block=0)
+
+
 @pytest.fixture
 def cli():
     """The CLI module. Importing the submodule ahn_jax.generate binds it on the package in place of the lazy
