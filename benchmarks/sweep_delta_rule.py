@@ -32,15 +32,16 @@ from pallas_kernels import delta_rule_wy as wy  # noqa: E402
 from pallas_kernels.common import chunk_cumsum  # noqa: E402
 
 # name, chunk, block_v (None = default), pallas_kernels.delta_rule knobs
-# First sweep (H100, 2026-11-22): c64 stages 1/2/3 2.71/2.10/1.74 ms, c128 5.91 (WY 4.58), c128 with 8 warps or 3
-# stages exceeds shared memory: stages 3 became the default, chunk 128 was dropped.
+# Sweeps on the H100 (2026-11-22, RESULTS.md "Fifth round"): c64 stages 1/2/3/4 2.71/2.10/1.72/1.71 ms, 5 stages and
+# chunk 128 with 8 warps or 3 stages over shared memory, chunk 128 5.91 (WY 4.58), 8 warps / block_v 32 slower: 3
+# stages became the default (where programs are few). Now: the WY kernel (~1.0 ms of the 1.72), chunks per program.
+# Knob names: pallas_kernels.delta_rule attributes, or "wy.<name>" for pallas_kernels.delta_rule_wy.
 VARIANTS = [
     ("defaults", 64, None, {}),
-    ("stages4", 64, None, {"FWD_STAGES": 4}),
-    ("stages5", 64, None, {"FWD_STAGES": 5}),
-    ("stages3 w8", 64, None, {"FWD_WARPS": 8}),
-    ("stages3 bv32", 64, 32, {}),
-    ("stages4 bv32 w8", 64, 32, {"FWD_STAGES": 4, "FWD_WARPS": 8}),
+    ("wy 2/program", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 2}),
+    ("wy 4/program", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 4}),
+    ("wy 2/program w8", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 2, "wy.WY_WARPS": 8}),
+    ("wy w2", 64, None, {"wy.WY_WARPS": 2}),
 ]
 # Backward knobs (forward+backward timed): the reverse sweep and the dq/dk/dw kernel ran with 1 stage so far.
 BWD_VARIANTS = [
@@ -82,7 +83,7 @@ def main(argv=None):
         del tq, tg
         torch.cuda.empty_cache()
     for name, chunk, block_v, knobs in VARIANTS:
-        prev = bdr.set_knobs(knobs)
+        prev = set_knobs(knobs)
         row = {"variant": name, "chunk": chunk, "block_v": block_v, "knobs": knobs}
         try:
             fwd = jax.jit(lambda q, k, v, g, beta, c=chunk, bv=block_v: pk.gated_delta_rule(
@@ -101,7 +102,7 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result
             row["error"] = bdr.err(e)
         finally:
-            bdr.set_knobs(prev)
+            set_knobs(prev)
         print(row, flush=True)
         out["rows"].append(row)
         _save(out)
@@ -122,6 +123,16 @@ def main(argv=None):
     return out
 
 
+def set_knobs(knobs):
+    """Set delta_rule / delta_rule_wy ("wy." prefix) knobs; returns the previous values."""
+    prev = {}
+    for name, value in knobs.items():
+        module, attr = (wy, name[3:]) if name.startswith("wy.") else (pk, name)
+        prev[name] = getattr(module, attr)
+        setattr(module, attr, value)
+    return prev
+
+
 def _save(out):
     with open(os.path.join(bdr.out_dir(), "sweep_delta_rule.json"), "w") as fh:
         json.dump(out, fh, indent=1)
@@ -132,7 +143,7 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
     first = None
     out["backward"] = []
     for name, knobs in BWD_VARIANTS:
-        prev = bdr.set_knobs(knobs)
+        prev = set_knobs(knobs)
         row = {"variant": name, "knobs": knobs}
         try:
             fb = jax.jit(jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(pk.gated_delta_rule(
@@ -150,7 +161,7 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
         except Exception as e:  # noqa: BLE001
             row["error"] = bdr.err(e)
         finally:
-            bdr.set_knobs(prev)
+            set_knobs(prev)
         print(row, flush=True)
         out["backward"].append(row)
         _save(out)

@@ -28,6 +28,10 @@ from pallas_kernels.common import F32, dot, dot_nt, dot_tn, pallas_module, trito
 
 WY_WARPS = 4  # H100: 4 warps 0.98-1.03 ms, 2: 0.88-1.03, 1: 2.15, 8: 1.73 (two runs; 2 and 4 tie within run noise)
 WY_VJP_WARPS = 4
+# Chunks per program of the forward WY kernel (unrolled: independent chains the compiler could interleave); used when
+# it divides the number of chunks, else 1. H100, B1 T32768 H16 D128 (benchmarks/sweep_delta_rule.py): WY kernel 1.03 ms
+# at 1, 1.87 at 2, 1.95 at 4, 1.81 at 2 with 8 warps (2 warps at 1: 1.56 in that run): more per program is slower.
+WY_CHUNKS_PER_PROGRAM = 1
 WY_SUB = 16  # block of the on-chip triangular inverse (the smallest Triton dot); chunks not a multiple use one block
 # "product" (dots) or "substitution" (the latency-bound row substitution; see module docstring). H100, B1 T32768 H16
 # D128: WY kernel 0.87 ms (product) vs 1.16 ms (substitution), same agreement with the XLA solve (benchmarks/RESULTS.md).
@@ -120,8 +124,9 @@ def _load_chunk(k_ref, v_ref, beta_ref, gc_ref, b, h, c, chunk, sub):
     return rows_of, ks, vs, betas, gcs, kscale, kb, vb
 
 
-def _wy_kernel(*refs, chunk, sub, gated, with_attn, method):
-    """One chunk's WY factors on chip: W = T diag(beta e^gc) K, U = T diag(beta) V (and the masked scores)."""
+def _wy_kernel(*refs, chunk, sub, gated, with_attn, method, per_program):
+    """`per_program` consecutive chunks' WY factors on chip: W = T diag(beta e^gc) K, U = T diag(beta) V (and the
+    masked scores). The chunks are independent: unrolled in one program, their latency-bound chains can interleave."""
     pl = pallas_module()
     refs = list(refs)
     q_ref = refs.pop(0) if with_attn else None
@@ -129,7 +134,15 @@ def _wy_kernel(*refs, chunk, sub, gated, with_attn, method):
     gc_ref = refs[3] if gated else None
     w_ref, u_ref = refs[-3:-1] if with_attn else refs[-2:]
     attn_ref = refs[-1] if with_attn else None
-    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h, first = pl.program_id(0), pl.program_id(1), pl.program_id(2) * per_program
+    for c in range(per_program):
+        _wy_chunk(q_ref, k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, attn_ref, b, h, first + c, chunk=chunk, sub=sub,
+                  gated=gated, with_attn=with_attn, method=method)
+
+
+def _wy_chunk(q_ref, k_ref, v_ref, beta_ref, gc_ref, w_ref, u_ref, attn_ref, b, h, c, *, chunk, sub, gated, with_attn,
+              method):
+    pl = pallas_module()
     cdt = k_ref.dtype
     nb = chunk // sub
     rows_of, ks, _, betas, gcs, _, kb, vb = _load_chunk(k_ref, v_ref, beta_ref, gc_ref, b, h, c, chunk, sub)
@@ -180,13 +193,15 @@ def wy_factors_pallas(k, v, beta, gc, chunk: int, *, interpret: bool, q=None, me
     dv = v.shape[-1]
     gated = gc is not None
     with_attn = q is not None
+    n = t // chunk
+    per_program = WY_CHUNKS_PER_PROGRAM if n % WY_CHUNKS_PER_PROGRAM == 0 else 1
     kernel = functools.partial(_wy_kernel, chunk=chunk, sub=_sub_block(chunk), gated=gated, with_attn=with_attn,
-                               method=method)
+                               method=method, per_program=per_program)
     args = ([q] if with_attn else []) + [k, v, beta] + ([gc] if gated else [])
     out_shape = (jax.ShapeDtypeStruct((b, t, h, dk), k.dtype), jax.ShapeDtypeStruct((b, t, h, dv), v.dtype))
     if with_attn:
         out_shape += (jax.ShapeDtypeStruct((b, h, t, chunk), q.dtype),)
-    return pallas_module().pallas_call(kernel, out_shape=out_shape, grid=(b, h, t // chunk), interpret=interpret,
+    return pallas_module().pallas_call(kernel, out_shape=out_shape, grid=(b, h, n // per_program), interpret=interpret,
                                        compiler_params=triton_params(WY_WARPS, 1), name="delta_rule_wy")(*args)
 
 

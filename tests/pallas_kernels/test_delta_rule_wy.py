@@ -135,3 +135,20 @@ def test_explicit_vjp_rejects_unknown_inverse():
     k, v, beta, gc, _, _ = _chunk_inputs(3, 1, 16, 1, 16, 16, 16, True, correlated=False)
     with pytest.raises(ValueError, match="inverse"):
         wy_factors_and_vjp(k, v, beta, gc, 16, inverse="newton")
+
+
+@pytest.mark.parametrize("per_program,n_chunks", [(2, 4), (4, 4), (2, 3)])
+def test_several_chunks_per_program_give_the_same_factors(per_program, n_chunks, monkeypatch):
+    """WY_CHUNKS_PER_PROGRAM unrolls consecutive chunks in one program (falls back to 1 when it does not divide)."""
+    chunk = 16
+    k, v, beta, gc, _, _ = _chunk_inputs(3, 1, chunk * n_chunks, 2, 16, 32, chunk, True, correlated=True)
+    q = jax.random.normal(jax.random.PRNGKey(9), k.shape)
+
+    def run():
+        return jax.jit(lambda q, k, v, beta, gc: wy.wy_factors_pallas(k, v, beta, gc, chunk, interpret=True, q=q))(
+            q, k, v, beta, gc)
+
+    want = run()
+    monkeypatch.setattr(wy, "WY_CHUNKS_PER_PROGRAM", per_program)
+    for g_, w_ in zip(run(), want):
+        np.testing.assert_array_equal(np.asarray(g_), np.asarray(w_))
