@@ -173,6 +173,40 @@ def sweep(shape, reps):
             save()
 
 
+def sweep_stages(shape, reps):
+    """Triton pipelining stages of the forward and backward kernels (ssd.FWD_STAGES / BWD_STAGES) at one shape:
+    forward and forward+backward times, outputs and gradients compared with the module defaults' first."""
+    name, b, t, h, p, n = shape
+    inp = make_inputs(b, t, h, p, n, seed=2)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
+            jnp.asarray(inp["dt_bias"]), jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+    ref = None
+    defaults = (pk.FWD_STAGES, pk.BWD_STAGES)
+    for fwd_stages, bwd_stages in ((defaults[0], defaults[1]), (1, 1), (3, 1), (4, 1), (3, 2), (3, 3)):
+        if time.time() - START > BUDGET_S:
+            break
+        row = {"kind": "stages", "shape": name, "fwd_stages": fwd_stages, "bwd_stages": bwd_stages}
+        pk.FWD_STAGES, pk.BWD_STAGES = fwd_stages, bwd_stages
+        try:
+            fwd, fb = op_fns("pallas")  # fresh jits: the knobs are read at trace time
+            grads, (y, s) = fb(*args)
+            ref = (y, s, grads) if ref is None else ref
+            row["rel_err_vs_defaults"] = max([rel(y, ref[0]), rel(s, ref[1])] + [rel(g, r) for g, r in zip(grads, ref[2])])
+            if row["rel_err_vs_defaults"] > 1e-2:
+                row["error"] = "disagrees with the defaults"
+            else:
+                row["ours_fwd_ms"] = time_jax(fwd, *args[:6], reps=reps)
+                row["ours_fwdbwd_ms"] = time_jax(fb, *args, reps=reps)
+        except Exception as e:  # noqa: BLE001 - e.g. over the shared memory limit: a result
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            pk.FWD_STAGES, pk.BWD_STAGES = defaults
+        log("stages", row)
+        ROWS.append(row)
+        save()
+
+
 def table():
     fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
     ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}x" if a in r and b in r else "-"  # noqa: E731
@@ -197,12 +231,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpret mode: a dry run of the script")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--stages-only", action="store_true",
+                    help="only the pipelining-stages sweep at the first shape (sweep_stages), no bench shapes")
     args = ap.parse_args()
     reps = 10
     if args.smoke:
         SHAPES[:] = [("tiny B1 T80 H2 P32 N16", 1, 80, 2, 32, 16), ("tiny B2 T40 H2 P16 N16", 2, 40, 2, 16, 16)]
         reps = 2
     log("device", jax.devices()[0], "jax", jax.__version__)
+    if args.stages_only:
+        sweep_stages(SHAPES[0], reps)
+        for r in ROWS:
+            print(r, flush=True)
+        return
     for shape in SHAPES:
         if time.time() - START > BUDGET_S:
             log(f"skipped {shape[0]}: past the {BUDGET_S} s budget")

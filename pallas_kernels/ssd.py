@@ -41,6 +41,8 @@ KERNEL_CHUNK = 64
 DEFAULT_BLOCK_P = 32  # B1 H16 P128: 64 programs; smaller blocks add programs but recompute C B^T per block
 FWD_WARPS = 4
 BWD_WARPS = 8
+FWD_STAGES = 2  # Triton pipelining stages of the forward's chunk loop (the delta rule's forward gained from 3)
+BWD_STAGES = 1
 
 
 def _pl():
@@ -158,7 +160,7 @@ def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_s
     kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g,
                                save_states=save_states)
     return pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, p // block_p), interpret=interpret,
-                          compiler_params=triton_params(FWD_WARPS, 2), name="ssd_fwd")(
+                          compiler_params=triton_params(FWD_WARPS, FWD_STAGES), name="ssd_fwd")(
         x, d_hm, a_hm, bm, cm, h0)
 
 
@@ -179,7 +181,7 @@ def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, int
     kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
     dx, db, dc, dd, da, dh0 = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, n_p), interpret=interpret,
-        compiler_params=triton_params(BWD_WARPS, 1), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states, dy, dht)
+        compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states, dy, dht)
     return dx, db.sum(0), dc.sum(0), dd.sum(0), da.sum(0), dh0
 
 
