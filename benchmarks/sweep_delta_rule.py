@@ -103,9 +103,7 @@ def main(argv=None):
             row["error"] = bdr.err(e)
         finally:
             set_knobs(prev)
-        print(row, flush=True)
-        out["rows"].append(row)
-        _save(out)
+        _record(out, "rows", row)
     if args.backward:
         backward_variants(out, q, k, v, g, beta, x, d, interp)
     if args.check_dims:
@@ -133,6 +131,12 @@ def set_knobs(knobs):
     return prev
 
 
+def _record(out, table, row):
+    print(row, flush=True)
+    out.setdefault(table, []).append(row)
+    _save(out)
+
+
 def _save(out):
     with open(os.path.join(bdr.out_dir(), "sweep_delta_rule.json"), "w") as fh:
         json.dump(out, fh, indent=1)
@@ -141,7 +145,6 @@ def _save(out):
 def backward_variants(out, q, k, v, g, beta, x, d, interp):
     cot = jnp.asarray(x["cot"], jnp.bfloat16)
     first = None
-    out["backward"] = []
     for name, knobs in BWD_VARIANTS:
         prev = set_knobs(knobs)
         row = {"variant": name, "knobs": knobs}
@@ -156,15 +159,11 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
                 row["skipped"] = "gradients disagree with the first variant's"
             else:
                 row["fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=2)
-                if "fla" in out:
-                    row["vs_fla_delta_rule_fwdbwd_5.19ms"] = row["fwdbwd_ms"] / 5.19
         except Exception as e:  # noqa: BLE001
             row["error"] = bdr.err(e)
         finally:
             set_knobs(prev)
-        print(row, flush=True)
-        out["backward"].append(row)
-        _save(out)
+        _record(out, "backward", row)
 
 
 def check_dims(out, smoke, interp):
