@@ -22,6 +22,9 @@ per dispatch: what is left when the host's per-call work is amortised), the hybr
 the rest, and the number of ring-sized copies in the compiled donated step (0 = in place; on CPU, bf16 buffers are
 updated through float32 and show up as copies, so only the GPU count means anything).
 
+Each row also times Decoder.greedy (--greedy-steps tokens per compiled loop; off with --no-greedy-rows): the per-token
+cost without the host's per-call work, which dominates a batch-1 hybrid step on the H100 (RESULTS.md).
+
 --fused-memory: every hybrid row is timed twice, with the memory's decode step in XLA (kind "hybrid") and as the fused
 Pallas kernel (kind "hybrid_fused", decode.FUSED_MEMORY_DECODE; pallas_kernels/memory_decode.py). Before the rows of a
 window, one step from the same random cache (evicting) with and without the kernel is compared (logits, every
@@ -387,7 +390,10 @@ def main(argv=None):
                         "the attention-only time and the count of ring copies in the compiled step")
     p.add_argument("--profile-batch", type=int, default=1)
     p.add_argument("--greedy-steps", type=int, default=32,
-                   help="with --profile: also time Decoder.greedy, this many tokens per compiled device loop")
+                   help="tokens per compiled device loop when timing Decoder.greedy (every row, and with --profile)")
+    p.add_argument("--no-greedy-rows", action="store_true",
+                   help="time only Decoder.step per row (by default each row also times Decoder.greedy: the "
+                        "per-token cost without the host's per-call work)")
     p.add_argument("--keep-trace", action="store_true", help="with --profile: also copy the raw trace into $OUT")
     p.add_argument("--keep-hlo", action="store_true",
                    help="with --profile: also write the profiled hybrid step's optimised HLO to $OUT (to look up "
@@ -452,19 +458,26 @@ def main(argv=None):
     hybrid_fused = False if args.fused_memory else None
     result["fused_memory_default"] = decode_module.fused_memory_decode_enabled()
 
+    # Tokens a row feeds: 2 warm-up steps, the timed steps, and (greedy column) 1 + 3 loops of --greedy-steps; the
+    # full-KV cache is sized for them (a hybrid's does not depend on it).
+    fed = args.steps * args.repeats + 2 + (0 if args.no_greedy_rows else 4 * args.greedy_steps)
+
     def run_row(name, dec, window, context, batch, fused=None):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
-               "cache_bytes": cache_bytes_estimate(dec, batch, context, args.steps * args.repeats + 2)}
+               "cache_bytes": cache_bytes_estimate(dec, batch, context, fed)}
         # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
         row["floor_ms"] = 1e3 * (weight_bytes + row["cache_bytes"]) / (args.bandwidth_tbs * 1e12)
         if row["cache_bytes"] > limit:
             row["skipped"] = f"cache {row['cache_bytes'] / 2 ** 30:.1f} GiB > limit {limit / 2 ** 30:.1f} GiB"
         else:
             try:
-                cache = random_cache(dec, batch, context, args.steps * args.repeats + 2, jax.random.key(context))
+                cache = random_cache(dec, batch, context, fed, jax.random.key(context))
                 with fused_memory(fused):
                     sec, cache = time_decode(dec, cache, args.steps, args.repeats)
-                row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
+                    row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
+                    if not args.no_greedy_rows:  # the same decode in a compiled loop: no host work per token
+                        greedy_s, cache = time_greedy(dec, cache, args.greedy_steps)
+                        row.update(greedy_ms_per_token=1e3 * greedy_s, greedy_tokens_per_s=batch / greedy_s)
                 del cache
             except Exception as e:  # noqa: BLE001 - an OOM is a result here
                 row["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -561,13 +574,18 @@ def print_table(result, args, device):
           f"({result['weights_bytes'] / gib:.2f} GiB) | hybrid S={args.sinks} gated_deltanet | decode caches filled "
           f"with random values | floor = (weights + cache) / {args.bandwidth_tbs} TB/s")
     print(f"{'kind':12} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
-          f"{'tok/s':>9} {'x full':>7}")
-    full = {(r["context"], r["batch"]): r.get("tokens_per_s") for r in result["decode"] if r["kind"] == "full"}
+          f"{'tok/s':>9} {'x full':>7} {'greedy ms/tok':>14} {'x full':>7}")
+    full = {(r["context"], r["batch"]): r for r in result["decode"] if r["kind"] == "full"}
+
+    def vs_full(r, key):
+        ref = full.get((r["context"], r["batch"]), {}).get(key)
+        return f"{r[key] / ref:7.2f}" if r["kind"].startswith("hybrid") and ref and key in r else f"{'-':>7}"
+
     for r in result["decode"]:
         if "tokens_per_s" in r:
-            ref = full.get((r["context"], r["batch"]))
-            ratio = f"{r['tokens_per_s'] / ref:7.2f}" if r["kind"].startswith("hybrid") and ref else f"{'-':>7}"
-            tail = f"{r['ms_per_step']:9.2f} {r['tokens_per_s']:9.1f} {ratio}"
+            greedy = f"{r['greedy_ms_per_token']:14.2f}" if "greedy_ms_per_token" in r else f"{'-':>14}"
+            tail = (f"{r['ms_per_step']:9.2f} {r['tokens_per_s']:9.1f} {vs_full(r, 'tokens_per_s')} {greedy} "
+                    f"{vs_full(r, 'greedy_tokens_per_s')}")
         else:
             tail = f"  skipped: {r['skipped'][:70]}"
         print(f"{r['kind']:12} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
