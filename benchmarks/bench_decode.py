@@ -402,6 +402,9 @@ def main(argv=None):
     p.add_argument("--fused-memory", action="store_true",
                    help="also time (and check, and with --profile profile) the hybrid with the fused Pallas memory "
                         "decode step (decode.FUSED_MEMORY_DECODE), as rows of kind hybrid_fused")
+    p.add_argument("--fused-block-v", type=int, default=None,
+                   help="with --fused-memory: the hybrid_fused rows (and their check) use the split form of the kernel "
+                        "with this value block (decode.FUSED_MEMORY_BLOCK_V)")
     p.add_argument("--fused-check-only", action="store_true",
                    help="only compare the fused memory kernel with the XLA path (float32 and bf16, --check-layers "
                         "layer counts) and the logits' sensitivity to 1e-3 state noise; writes fused_check.json")
@@ -418,6 +421,10 @@ def main(argv=None):
 
     out_dir = os.environ.get("OUT", ".")
     os.makedirs(out_dir, exist_ok=True)
+    if args.fused_block_v is not None:
+        from ahn_jax.inference import decode as decode_module
+
+        decode_module.FUSED_MEMORY_BLOCK_V = args.fused_block_v
     if args.fused_check_only:
         return fused_check_only(args, out_dir)
     device = jax.devices()[0]
@@ -428,7 +435,8 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
-    result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+    result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "fused_block_v": args.fused_block_v, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],

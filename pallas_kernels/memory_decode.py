@@ -24,6 +24,11 @@ updated in place; a program that does not evict skips its store. Products are br
 [D, D]): a 1-row tl.dot would need tiles >= 16 and waste the tensor cores anyway. The gamma dot runs over the hidden
 axis in power-of-two blocks (Triton loads need power-of-two sizes; every Qwen hidden size is a multiple of 128).
 
+Split form (block_v): at batch 1 the grid above has only Hq programs (16 for Qwen2.5-3B) on a GPU with 132 SMs. The
+state update and readout are independent per value column, so a first kernel runs them over (B, Hq, D / block_v)
+programs, each on a [D, block_v] slice of the state, and writes o; a second kernel over (B, Hq) applies the head
+(which needs all of o for its RMSNorm). Same rounding as the one-kernel form.
+
 Two ways to get the evicted token: gather_in_kernel=True indexes the ring refs at the slot loaded from `slot`
 (dynamic scalar indices, which the Triton lowering turns into pointer offsets); False gathers the [B, Hkv, D] rows and
 [B, Hq] gates with XLA first (one extra small fusion) and the kernel reads them at index 0, a fallback if the dynamic
@@ -44,6 +49,7 @@ from pallas_kernels.common import F32, pallas_module, triton_params
 # The D x D float32 state and the D x D o_proj tile of one head (64 KB each at D 128) live in registers: 8 warps
 # keep them at ~64 registers per thread each.
 NUM_WARPS = 8
+SPLIT_STATE_WARPS = 4  # the split form's state kernel holds a [D, block_v] slice only
 _L2_EPS = 1e-6  # ops.gated_delta.l2_normalize
 
 
@@ -55,8 +61,54 @@ def _hidden_block(hidden: int) -> int:
     return block
 
 
+def _rnd(x, cdt):
+    """What an XLA op returning cdt does to a float32 value."""
+    return x.astype(cdt).astype(F32)
+
+
+def _l2(x, cdt):
+    return _rnd(x * lax.rsqrt(jnp.sum(x * x) + _L2_EPS), cdt)
+
+
+def _evicted_inputs(slot_ref, evict_ref, q_ref, k_ref, beta_ref, g_ref, b, h, group, gathered, cdt):
+    """The reading query and the evicted token's key (l2-normalised, [D]), its beta, its decay e^g (1.0 without
+    g), the slot it sits in and whether sequence b evicts at all."""
+    hk = h // group
+    slot = 0 if gathered else slot_ref[b]
+    q = _l2(_rnd(q_ref[b, h, :].astype(F32), cdt), cdt)
+    k = _l2(_rnd(k_ref[b, hk, slot, :].astype(F32), cdt), cdt)
+    beta = beta_ref[b, slot, h].astype(F32)
+    decay = jnp.exp(g_ref[b, slot, h].astype(F32)) if g_ref is not None else 1.0
+    return q, k, beta, decay, slot, hk, evict_ref[b] != 0
+
+
+def _update_and_read(s, q, k, v, beta, decay, scale, cdt):
+    """S <- e^g S; v' = beta (v - S^T k); S <- S + k v'^T; o = scale S^T q (rounded to cdt), for the state's columns
+    at hand ([D, n] with v [n]): the update is independent per value column."""
+    s = s * decay
+    v_new = beta * (v - jnp.sum(s * k[:, None], axis=0))  # S^T k: sum over the key axis
+    s = s + k[:, None] * v_new[None, :]
+    return s, _rnd(scale * jnp.sum(s * q[:, None], axis=0), cdt)
+
+
+def _head(o, u_ref, gproj_ref, onorm_ref, oproj_ref, b, h, *, norm_eps, cdt, hidden_block, n_hidden_blocks):
+    """The AHN head of one query head: (RMSNorm_D(o) * o_norm * silu(u . g_proj[:, h])) @ o_proj[h] -> [D] float32."""
+    pl = pallas_module()
+    d = o.shape[0]
+
+    def gamma_block(i, acc):
+        hs = pl.ds(i * hidden_block, hidden_block)
+        return acc + jnp.sum(_rnd(u_ref[b, hs].astype(F32), cdt) * _rnd(gproj_ref[hs, h].astype(F32), cdt))
+
+    gamma = _rnd(lax.fori_loop(0, n_hidden_blocks, gamma_block, jnp.zeros((), F32)), cdt)
+    gate = gamma / (1.0 + jnp.exp(-gamma))  # silu
+    normed = o * lax.rsqrt(jnp.sum(o * o) / d + norm_eps) * onorm_ref[...].astype(F32) * gate
+    return jnp.sum(_rnd(normed, cdt)[:, None] * _rnd(oproj_ref[h, :, :].astype(F32), cdt), axis=0)
+
+
 def _kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, has_decay, gathered, scale,
             norm_eps, cdt, hidden_block, n_hidden_blocks):
+    """The whole step of one (sequence, query head): state update, readout and head."""
     pl = pallas_module()
     if has_decay:
         g_ref, u_ref, gproj_ref, onorm_ref, oproj_ref, state_in_ref, y_ref, state_ref = refs
@@ -64,55 +116,65 @@ def _kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, ha
         g_ref = None
         u_ref, gproj_ref, onorm_ref, oproj_ref, state_in_ref, y_ref, state_ref = refs
     b, h = pl.program_id(0), pl.program_id(1)
-    hk = h // group
     d = q_ref.shape[-1]
-    slot = 0 if gathered else slot_ref[b]
-    evict = evict_ref[b] != 0
-
-    def rnd(x):  # what an XLA op returning cdt does to a float32 value
-        return x.astype(cdt).astype(F32)
-
-    def l2(x):
-        return rnd(x * lax.rsqrt(jnp.sum(x * x) + _L2_EPS))
-
-    q = l2(rnd(q_ref[b, h, :].astype(F32)))
-    k = l2(rnd(k_ref[b, hk, slot, :].astype(F32)))
-    v = rnd(v_ref[b, hk, slot, :].astype(F32))
-    beta = beta_ref[b, slot, h].astype(F32)
+    q, k, beta, decay, slot, hk, evict = _evicted_inputs(slot_ref, evict_ref, q_ref, k_ref, beta_ref, g_ref, b, h,
+                                                         group, gathered, cdt)
+    v = _rnd(v_ref[b, hk, slot, :].astype(F32), cdt)
     # state_ref is the output aliased to state_in_ref (the same buffer): a program that does not evict stores nothing
     # and leaves the old state in place.
-    s = state_in_ref[b, h, :, :]
-    if has_decay:
-        s = s * jnp.exp(g_ref[b, slot, h].astype(F32))
-    v_new = beta * (v - jnp.sum(s * k[:, None], axis=0))  # S^T k: sum over the key axis
-    s = s + k[:, None] * v_new[None, :]
+    s, o = _update_and_read(state_in_ref[b, h, :, :], q, k, v, beta, decay, scale, cdt)
 
     @pl.when(evict)
     def _():
         state_ref[b, h, :, :] = s
 
-    o = rnd(scale * jnp.sum(s * q[:, None], axis=0))
-
-    def gamma_block(i, acc):
-        hs = pl.ds(i * hidden_block, hidden_block)
-        return acc + jnp.sum(rnd(u_ref[b, hs].astype(F32)) * rnd(gproj_ref[hs, h].astype(F32)))
-
-    gamma = rnd(lax.fori_loop(0, n_hidden_blocks, gamma_block, jnp.zeros((), F32)))
-    gate = gamma / (1.0 + jnp.exp(-gamma))  # silu
-    normed = o * lax.rsqrt(jnp.sum(o * o) / d + norm_eps) * onorm_ref[...].astype(F32) * gate
-    y = jnp.sum(rnd(normed)[:, None] * rnd(oproj_ref[h, :, :].astype(F32)), axis=0)
+    y = _head(o, u_ref, gproj_ref, onorm_ref, oproj_ref, b, h, norm_eps=norm_eps, cdt=cdt, hidden_block=hidden_block,
+              n_hidden_blocks=n_hidden_blocks)
     y_ref[b, pl.ds(h * d, d)] = jnp.where(evict, y, 0.0).astype(y_ref.dtype)
 
 
+def _state_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, has_decay, gathered, scale, cdt,
+                  block_v):
+    """Split form, first kernel: one (sequence, query head, block of value columns) updates its [D, block_v] slice of
+    the state and writes that slice of the readout o (in cdt)."""
+    pl = pallas_module()
+    g_ref, state_in_ref, o_ref, state_ref = refs if has_decay else (None, *refs)
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(j * block_v, block_v)
+    q, k, beta, decay, slot, hk, evict = _evicted_inputs(slot_ref, evict_ref, q_ref, k_ref, beta_ref, g_ref, b, h,
+                                                         group, gathered, cdt)
+    v = _rnd(v_ref[b, hk, slot, cols].astype(F32), cdt)
+    s, o = _update_and_read(state_in_ref[b, h, :, cols], q, k, v, beta, decay, scale, cdt)
+
+    @pl.when(evict)
+    def _():
+        state_ref[b, h, :, cols] = s
+
+    o_ref[b, h, cols] = o.astype(o_ref.dtype)
+
+
+def _head_kernel(evict_ref, o_ref, u_ref, gproj_ref, onorm_ref, oproj_ref, y_ref, *, norm_eps, cdt, hidden_block,
+                 n_hidden_blocks):
+    """Split form, second kernel: the head of one (sequence, query head) from the readout o."""
+    pl = pallas_module()
+    b, h = pl.program_id(0), pl.program_id(1)
+    d = o_ref.shape[-1]
+    y = _head(o_ref[b, h, :].astype(F32), u_ref, gproj_ref, onorm_ref, oproj_ref, b, h, norm_eps=norm_eps, cdt=cdt,
+              hidden_block=hidden_block, n_hidden_blocks=n_hidden_blocks)
+    y_ref[b, pl.ds(h * d, d)] = jnp.where(evict_ref[b] != 0, y, 0.0).astype(y_ref.dtype)
+
+
 def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, *, scale,
-                       norm_eps, compute_dtype=None, gather_in_kernel=True, interpret=None):
+                       norm_eps, compute_dtype=None, gather_in_kernel=True, interpret=None, block_v=None):
     """One memory decode step of AHN-DN (g None) or AHN-GDN for every sequence and query head.
 
     state [B, Hq, D, D] float32 (aliased: updated in place when donated); q [B, Hq, D] the reading token's query;
     ring_k, ring_v [B, Hkv, R, D] (Hq % Hkv == 0); beta, g [B, R, Hq] float32 gates per ring slot (g None: no decay);
     slot [B] int ring slot of each sequence's evicted token; evict [B] bool; u [B, hidden] the reading token's
     prenormed hidden state; g_proj [hidden, Hq]; o_norm [D]; o_proj [Hq, D, D] ([in, out]).
-    compute_dtype: the memory's dtype (None: q's). interpret None: interpret mode off the GPU.
+    compute_dtype: the memory's dtype (None: q's). interpret None: interpret mode off the GPU. block_v (dividing D):
+    the split form, two kernels: the state update and readout over (B, Hq, D / block_v) programs, then the head over
+    (B, Hq) (at batch 1 the one-kernel form has only Hq programs); None: one kernel.
     Returns (y [B, Hq * D] in compute_dtype, zero where evict is False; new state [B, Hq, D, D] float32).
     """
     bsz, hq, d = q.shape
@@ -145,14 +207,29 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
         g = None if g is None else g[rows, slot][:, None]
     hidden = u.shape[1]
     block = _hidden_block(hidden)
-    kernel = functools.partial(
-        _kernel, group=hq // hkv, has_decay=g is not None, gathered=not gather_in_kernel, scale=float(scale),
-        norm_eps=float(norm_eps), cdt=cdt, hidden_block=block, n_hidden_blocks=hidden // block)
-    args = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g]) + \
-        [u, g_proj, o_norm, o_proj, state.astype(F32)]
     pl = pallas_module()
-    y, new_state = pl.pallas_call(
-        kernel, grid=(bsz, hq), interpret=interpret, name="fused_delta_decode",
-        out_shape=(jax.ShapeDtypeStruct((bsz, hq * d), cdt), jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
-        input_output_aliases={len(args) - 1: 1}, compiler_params=triton_params(NUM_WARPS, 1))(*args)
+    head = dict(norm_eps=float(norm_eps), hidden_block=block, n_hidden_blocks=hidden // block)
+    gates = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g])
+    common = dict(group=hq // hkv, has_decay=g is not None, gathered=not gather_in_kernel, scale=float(scale), cdt=cdt)
+    y_shape = jax.ShapeDtypeStruct((bsz, hq * d), cdt)
+    if block_v is None:
+        args = gates + [u, g_proj, o_norm, o_proj, state.astype(F32)]
+        y, new_state = pl.pallas_call(
+            functools.partial(_kernel, **common, **head), grid=(bsz, hq), interpret=interpret,
+            name="fused_delta_decode", out_shape=(y_shape, jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
+            input_output_aliases={len(args) - 1: 1}, compiler_params=triton_params(NUM_WARPS, 1))(*args)
+        return y, new_state
+    if not isinstance(block_v, int) or block_v < 1 or d % block_v:
+        raise ValueError(f"fused_delta_decode: block_v must be an int dividing D={d}, got {block_v!r}")
+    args = gates + [state.astype(F32)]
+    o, new_state = pl.pallas_call(
+        functools.partial(_state_kernel, **common, block_v=block_v), grid=(bsz, hq, d // block_v),
+        interpret=interpret, name="fused_delta_decode_state",
+        out_shape=(jax.ShapeDtypeStruct((bsz, hq, d), cdt), jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
+        input_output_aliases={len(args) - 1: 1}, compiler_params=triton_params(SPLIT_STATE_WARPS, 1))(*args)
+    y = pl.pallas_call(
+        functools.partial(_head_kernel, cdt=cdt, **head), grid=(bsz, hq), interpret=interpret,
+        name="fused_delta_decode_head",
+        out_shape=y_shape, compiler_params=triton_params(NUM_WARPS, 1))(
+        evict.astype(jnp.int32), o, u, g_proj, o_norm, o_proj)
     return y, new_state

@@ -48,8 +48,9 @@ def _step_inputs(mem, head_dim, dtype, seed, batch=4, hidden=HIDDEN, hq=HQ, hkv=
     return ring_k, ring_v, gates, state, q, u, positions
 
 
-def _run(mem, inputs, fused):
+def _run(mem, inputs, fused, block_v=None):
     ring_k, ring_v, gates, state, q, u, positions = inputs
+    fused = ("fused", block_v) if fused else False  # what the jitted step gets (decode._fused_memory_static)
     # k, v of the new token are not read on the evicted-token path (the ring holds them already).
     return jax.jit(lambda *a: _memory_decode(mem, *a[:5], None, None, *a[5:], WINDOW, SINKS, fused=fused))(
         ring_k, ring_v, gates, state, q, u, positions)
@@ -58,15 +59,19 @@ def _run(mem, inputs, fused):
 QWEN25_3B_DIMS = dict(hidden=2048, hq=16, hkv=2)  # what benchmarks/bench_decode.py runs (with head_dim 128)
 
 
-@pytest.mark.parametrize("cls,head_dim,dtype,dims", [
-    (GatedDeltaNetMemory, 16, jnp.float32, {}), (DeltaNetMemory, 32, jnp.float32, {}),
-    (GatedDeltaNetMemory, 32, jnp.bfloat16, {}), (DeltaNetMemory, 16, jnp.bfloat16, {}),
-    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS), (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS)])
-def test_fused_step_equals_the_xla_path(cls, head_dim, dtype, dims):
+@pytest.mark.parametrize("cls,head_dim,dtype,dims,block_v", [
+    (GatedDeltaNetMemory, 16, jnp.float32, {}, None), (DeltaNetMemory, 32, jnp.float32, {}, None),
+    (GatedDeltaNetMemory, 32, jnp.bfloat16, {}, None), (DeltaNetMemory, 16, jnp.bfloat16, {}, None),
+    (GatedDeltaNetMemory, 16, jnp.float32, {}, 8), (DeltaNetMemory, 32, jnp.bfloat16, {}, 16),
+    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, None),
+    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None),
+    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, 32)])
+def test_fused_step_equals_the_xla_path(cls, head_dim, dtype, dims, block_v):
+    """block_v None: the one-kernel form; an int: the split form (state kernel over value blocks + head kernel)."""
     mem = _memory(cls, head_dim, seed=head_dim, **{k: v for k, v in dims.items() if k != "hkv"})
     inputs = _step_inputs(mem, head_dim, dtype, seed=3, **dims)
     y_ref, s_ref = _run(mem, inputs, fused=False)
-    y, s = _run(mem, inputs, fused=True)
+    y, s = _run(mem, inputs, fused=True, block_v=block_v)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and s.shape == s_ref.shape and s.dtype == s_ref.dtype
     evict = np.asarray(inputs[-1][:, 0] >= first_memory_query(WINDOW, SINKS))
     assert evict.any() and not evict.all()
@@ -116,18 +121,30 @@ def test_bad_shapes_name_the_tensor():
             memory_decode.fused_delta_decode(**{**args, name: bad}, scale=0.25, norm_eps=1e-5)
 
 
+def test_split_form_rejects_a_block_that_does_not_divide_head_dim():
+    mem = _memory(DeltaNetMemory, 16, seed=7)
+    ring_k, ring_v, gates, state, q, u, _ = _step_inputs(mem, 16, jnp.float32, seed=8)
+    with pytest.raises(ValueError, match="block_v"):
+        memory_decode.fused_delta_decode(state[:, 0], q[:, 0], ring_k, ring_v, gates["beta"], None,
+                                         jnp.zeros((4,), jnp.int32), jnp.ones((4,), bool), u[:, 0], mem.g_proj[...],
+                                         mem.o_norm[...], mem.o_proj[...], scale=0.25, norm_eps=1e-5, block_v=5)
+
+
 def test_only_evicted_delta_rule_memories_are_fused():
     assert fuses_memory_decode(make("gated_deltanet", 5, 3).memories[0])
     assert fuses_memory_decode(make("deltanet", 6, 0).memories[0])
     assert not fuses_memory_decode(make("mamba2", 5, 3).memories[0])
 
 
-@pytest.mark.parametrize("memory,window,sinks", [("gated_deltanet", 5, 3), ("deltanet", 6, 0)])
-def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks, monkeypatch):
+@pytest.mark.parametrize("memory,window,sinks,block_v", [("gated_deltanet", 5, 3, None), ("deltanet", 6, 0, None),
+                                                          ("gated_deltanet", 5, 3, 4)])
+def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks, block_v, monkeypatch):
     calls = []
     kernel = memory_decode.fused_delta_decode
-    monkeypatch.setattr(memory_decode, "fused_delta_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(memory_decode, "fused_delta_decode",
+                        lambda *a, **k: calls.append(k["block_v"]) or kernel(*a, **k))
     monkeypatch.setattr(decode, "FUSED_MEMORY_DECODE", True)
+    monkeypatch.setattr(decode, "FUSED_MEMORY_BLOCK_V", block_v)
     model = make(memory, window, sinks)
     ids = random_ids(2, 14, seed=1)
     ref = parallel_logits(model, ids)
@@ -138,7 +155,7 @@ def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks
         logits, cache = dec.decode(ids[:, t], cache)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, t]), atol=1e-4, rtol=0,
                                    err_msg=f"fused decode at position {t}")
-    assert calls, "the fused kernel was never traced: the switch did not reach the jitted step"
+    assert calls and set(calls) == {block_v}, "the fused kernel (in the asked form) never reached the jitted step"
 
 
 def test_fused_greedy_loop_matches_the_xla_greedy_loop(monkeypatch):
