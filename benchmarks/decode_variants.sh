@@ -8,7 +8,7 @@
 set -u
 OUT=${OUT:-.}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-quick=(--contexts 131072 --batches 1 --windows 32640 --prefill-length 0 --profile)
+quick=(--contexts 131072 --batches 1 --windows 32640 --prefill-length 0 --profile --no-greedy-rows)  # --profile times greedy
 run() {  # run NAME SECONDS XLA_FLAGS ARGS...
   local name=$1 secs=$2 flags=$3; shift 3
   mkdir -p "$OUT/$name"
