@@ -124,18 +124,49 @@ def cache_bytes_estimate(dec, batch, context, steps):
     return cache_nbytes(jax.eval_shape(lambda: dec.init_cache(batch, context + steps if dec.teacher else None)))
 
 
+# --donate-logits: time a step that also donates the previous step's logits buffer, so the new logits land at the same
+# address. Hypothesis (from the H100 profiles): XLA re-records the step's whole CUDA graph on the host whenever a buffer
+# the graph touches moved since the last call (hybrid: 6.4 ms per call); the logits output is a fresh allocation every
+# call (the token array here is the same one each call and the cache is donated). If that is what moves, donating
+# the logits removes the re-recording and the batch-1 step drops to its GPU time.
+DONATE_LOGITS = False
+
+
+@functools.lru_cache(maxsize=None)
+def _donating_step(dec):
+    from ahn_jax.inference import decode as decode_module
+
+    def step(leaves, cache, ids, logits_buffer):
+        del logits_buffer  # donated only for its memory: jax aliases it to the logits output (same shape and dtype)
+        return dec._fn(leaves, cache, ids, None, decoding=True, first_valid=0, all_logits=False,
+                       q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=decode_module._fused_memory_static())
+
+    return jax.jit(step, donate_argnums=() if jax.default_backend() == "cpu" else (1, 3))
+
+
+def stepper(dec, cache, tokens):
+    """-> (one, logits): one(logits, cache) -> (logits, cache) runs a decode step on `tokens` (Decoder.step, or with
+    DONATE_LOGITS the step that reuses the logits buffer it is given); logits: the buffer for the first call."""
+    if not DONATE_LOGITS:
+        return (lambda logits, cache: dec.step(tokens, cache)), None
+    donating = _donating_step(dec)
+    logits = jnp.zeros(jax.eval_shape(lambda c: dec.step(tokens, c), cache)[0].shape, jnp.float32)
+    return (lambda logits, cache: donating(dec._leaves, cache, tokens, logits)), logits
+
+
 def time_decode(dec, cache, steps, repeats):
     """Median over `repeats` loops of `steps` pipelined decode steps (Decoder.step: no host sync inside the loop),
     after 2 warm-up steps (the first compiles). -> (seconds per step, cache)."""
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, size=(cache.batch, 1)), jnp.int32)
+    one, logits = stepper(dec, cache, tokens)
     for _ in range(2):
-        logits, cache = dec.step(tokens, cache)
+        logits, cache = one(logits, cache)
     logits.block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
-            logits, cache = dec.step(tokens, cache)
+            logits, cache = one(logits, cache)
         logits.block_until_ready()
         times.append((time.perf_counter() - start) / steps)
     return float(np.median(times)), cache
@@ -354,13 +385,14 @@ def profile_decode(dec, cache, out_dir, tag, keep_trace=False):
 
     steps = 5
     tokens = jnp.zeros((cache.batch, 1), jnp.int32)
-    logits, cache = dec.step(tokens, cache)
+    one, logits = stepper(dec, cache, tokens)
+    logits, cache = one(logits, cache)
     logits.block_until_ready()
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for _ in range(steps):
-                logits, cache = dec.step(tokens, cache)
+                logits, cache = one(logits, cache)
             logits.block_until_ready()
         summary = summarize_dir(tmp, steps=steps)
         if keep_trace:
@@ -405,6 +437,9 @@ def main(argv=None):
     p.add_argument("--fused-block-v", type=int, default=None,
                    help="with --fused-memory: the hybrid_fused rows (and their check) use the split form of the kernel "
                         "with this value block (decode.FUSED_MEMORY_BLOCK_V)")
+    p.add_argument("--donate-logits", action="store_true",
+                   help="time steps that donate the previous logits buffer (see DONATE_LOGITS: does the host-side "
+                        "CUDA-graph re-recording disappear when no output moves between calls?)")
     p.add_argument("--fused-check-only", action="store_true",
                    help="only compare the fused memory kernel with the XLA path (float32 and bf16, --check-layers "
                         "layer counts) and the logits' sensitivity to 1e-3 state noise; writes fused_check.json")
@@ -421,6 +456,8 @@ def main(argv=None):
 
     out_dir = os.environ.get("OUT", ".")
     os.makedirs(out_dir, exist_ok=True)
+    global DONATE_LOGITS
+    DONATE_LOGITS = args.donate_logits
     if args.fused_block_v is not None:
         from ahn_jax.inference import decode as decode_module
 
@@ -436,7 +473,7 @@ def main(argv=None):
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
     result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "fused_block_v": args.fused_block_v, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+              "fused_block_v": args.fused_block_v, "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],
