@@ -34,14 +34,17 @@ from pallas_kernels.common import chunk_cumsum  # noqa: E402
 # name, chunk, block_v (None = default), pallas_kernels.delta_rule knobs
 # Sweeps on the H100 (2026-11-22, RESULTS.md "Fifth round"): c64 stages 1/2/3/4 2.71/2.10/1.72/1.71 ms, 5 stages and
 # chunk 128 with 8 warps or 3 stages over shared memory, chunk 128 5.91 (WY 4.58), 8 warps / block_v 32 slower: 3
-# stages became the default (where programs are few). Now: the WY kernel (~1.0 ms of the 1.72), chunks per program.
+# stages became the default (where programs are few). Then the WY kernel (~1.0 ms of the 1.72): 2 / 4 chunks per
+# program 1.87 / 1.95 ms (vs 1.03), 2 warps 1.56: kept. Now: bigger diagonal blocks of T.
 # Knob names: pallas_kernels.delta_rule attributes, or "wy.<name>" for pallas_kernels.delta_rule_wy.
 VARIANTS = [
     ("defaults", 64, None, {}),
-    ("wy 2/program", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 2}),
-    ("wy 4/program", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 4}),
-    ("wy 2/program w8", 64, None, {"wy.WY_CHUNKS_PER_PROGRAM": 2, "wy.WY_WARPS": 8}),
-    ("wy w2", 64, None, {"wy.WY_WARPS": 2}),
+    # Larger diagonal blocks of T: the product-form inverse on 32x32 or one 64x64 block (5 / 6 factors of tensor-core
+    # dots instead of 16x16 blocks plus block substitution); float32-exact on CPU, TF32 precision to be checked here.
+    ("wy sub32", 64, None, {"wy.WY_SUB": 32}),
+    ("wy sub64", 64, None, {"wy.WY_SUB": 64}),
+    ("wy sub64 w8", 64, None, {"wy.WY_SUB": 64, "wy.WY_WARPS": 8}),
+    ("wy sub32 w8", 64, None, {"wy.WY_SUB": 32, "wy.WY_WARPS": 8}),
 ]
 # Backward knobs (forward+backward timed): the reverse sweep and the dq/dk/dw kernel ran with 1 stage so far.
 BWD_VARIANTS = [

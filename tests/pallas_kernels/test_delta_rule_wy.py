@@ -152,3 +152,15 @@ def test_several_chunks_per_program_give_the_same_factors(per_program, n_chunks,
     monkeypatch.setattr(wy, "WY_CHUNKS_PER_PROGRAM", per_program)
     for g_, w_ in zip(run(), want):
         np.testing.assert_array_equal(np.asarray(g_), np.asarray(w_))
+
+
+@pytest.mark.parametrize("sub", [32, 64])
+def test_larger_diagonal_blocks_match_the_triangular_solve(sub, monkeypatch):
+    """WY_SUB 32 / 64: the product-form inverse on bigger blocks (fewer off-diagonal block steps), correlated keys."""
+    chunk = 64
+    k, v, beta, gc, _, _ = _chunk_inputs(5, 1, 2 * chunk, 2, 32, 16, chunk, True, correlated=True)
+    w_ref, u_ref = wy_factors(k, v, beta, gc, chunk)
+    monkeypatch.setattr(wy, "WY_SUB", sub)
+    w, u = jax.jit(lambda k, v, beta, gc: wy.wy_factors_pallas(k, v, beta, gc, chunk, interpret=True,
+                                                              method="product"))(k, v, beta, gc)
+    assert _rel(w, w_ref) < 1e-5 and _rel(u, u_ref) < 1e-5, (_rel(w, w_ref), _rel(u, u_ref))
