@@ -23,7 +23,7 @@ def _kl_rows(logp_t, logp_v):
 def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
     """documents: list of synthetic documents (dicts with input_ids, answer_positions, evidence_positions), all the
     same length. Returns per-variant accuracies beyond/within the window and mean KL to the teacher past S+W."""
-    from ahn_jax.data.synthetic import evidence_beyond_window
+    from ahn_jax.data.synthetic import TASKS, evidence_beyond_window
 
     graphdef, state = nnx.split(model)
     # Evaluate on one device: the trained state may be sharded over a (fake) multi-device mesh, and this small
@@ -45,6 +45,8 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
         return preds, kls, p_next
 
     hits = {v: {"beyond": [], "within": []} for v in VARIANTS}
+    # Beyond-window hits per task (recall, multihop, copy): the tasks differ in what a compressed memory can hold.
+    task_hits = {v: {t: [] for t in TASKS} for v in VARIANTS}
     # Why accuracy and KL can disagree: a memory that only makes the student less sure on answer slots lowers the
     # answer KL a lot (the window-only model is confidently wrong there) without raising p(correct).
     p_correct = {v: {"beyond": [], "within": []} for v in VARIANTS}
@@ -66,10 +68,14 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
             ans = np.asarray(d["answer_positions"])
             ev = np.asarray(d["evidence_positions"])
             keep = ans >= 1
+            tasks = np.asarray(d["answer_task"])[keep] if "answer_task" in d else None
             ans, ev = ans[keep], ev[keep]
             beyond = np.asarray(evidence_beyond_window(ans, ev, window, sinks))
             for v in VARIANTS:
                 correct = preds[v][b, ans - 1] == ids[b, ans]
+                if tasks is not None:
+                    for t, name in enumerate(TASKS):
+                        task_hits[v][name].extend(correct[beyond & (tasks == t)].tolist())
                 p = p_next[v][b, ans - 1]
                 for where, sel in (("beyond", beyond), ("within", ~beyond)):
                     hits[v][where].extend(correct[sel].tolist())
@@ -84,6 +90,9 @@ def evaluate_recall(model, documents, window: int, sinks: int, batch: int = 8):
         "beyond_window_accuracy": {v: mean(hits[v]["beyond"]) for v in VARIANTS},
         "within_window_accuracy": {v: mean(hits[v]["within"]) for v in VARIANTS},
         "answers": {"beyond": len(hits["teacher"]["beyond"]), "within": len(hits["teacher"]["within"])},
+        "beyond_window_accuracy_by_task": {t: dict({v: mean(task_hits[v][t]) for v in VARIANTS},
+                                                   answers=len(task_hits["teacher"][t]))
+                                           for t in TASKS if task_hits["teacher"][t]},
         "heldout_kl": {k: kl_sum[k] / max(kl_n, 1) for k in kl_sum},
         "p_correct": {v: {w: mean(p_correct[v][w]) for w in ("beyond", "within")} for v in VARIANTS},
         "answer_kl": {v: {w: mean(answer_kl[v][w]) for w in ("beyond", "within")} for v in answer_kl},
@@ -112,6 +121,9 @@ def format_table(report) -> str:
             a = f"{akl[v]['beyond']:.3f}" if v in akl else "-"
             extra = f"{pc[v]['beyond']:>15.3f}{a:>15}"
         lines.append(f"{v:<14}{acc[v]:>18.3f}{within[v]:>18.3f}{k:>14}{extra}")
+    for task, row in report.get("beyond_window_accuracy_by_task", {}).items():
+        lines.append(f"  beyond, {task} ({row['answers']} answers): teacher {row['teacher']:.3f}, window_only "
+                     f"{row['window_only']:.3f}, memory {row['memory']:.3f}")
     lines.append(f"gap closed by the memory: {gap_closed(report):.2f}")
     return "\n".join(lines)
 

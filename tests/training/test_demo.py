@@ -346,14 +346,17 @@ def test_recall_report_matches_a_per_answer_reference():
             "memory": jax.nn.log_softmax(model(ids, window=W, sinks=S), -1)}
     logp = {k: np.asarray(v, np.float64) for k, v in logp.items()}
     ref = {v: {"beyond": [], "within": []} for v in logp}
+    by_task = {v: {} for v in logp}
     for b, d in enumerate(docs):
         beyond = synthetic.evidence_beyond_window(d["answer_positions"], d["evidence_positions"], W, S)
-        for a, far in zip(d["answer_positions"], beyond):
+        for a, far, task in zip(d["answer_positions"], beyond, d["answer_task"]):
             where = "beyond" if far else "within"
             tgt = d["input_ids"][a]
             for v, lp in logp.items():
                 kl = float(np.sum(np.exp(logp["teacher"][b, a - 1]) * (logp["teacher"][b, a - 1] - lp[b, a - 1])))
                 ref[v][where].append((lp[b, a - 1].argmax() == tgt, np.exp(lp[b, a - 1, tgt]), kl))
+                if far:
+                    by_task[v].setdefault(synthetic.TASKS[task], []).append(lp[b, a - 1].argmax() == tgt)
     assert rep["answers"] == {w: len(ref["teacher"][w]) for w in ("beyond", "within")}
     assert min(rep["answers"].values()) > 0
     for v in logp:
@@ -365,4 +368,9 @@ def test_recall_report_matches_a_per_answer_reference():
             if v != "teacher":
                 np.testing.assert_allclose(rep["answer_kl"][v][w], r[2], rtol=1e-3, atol=1e-5)
     assert rep["p_correct"]["memory"] != rep["p_correct"]["window_only"]
+    assert set(rep["beyond_window_accuracy_by_task"]) == set(by_task["teacher"])
+    for task, row in rep["beyond_window_accuracy_by_task"].items():
+        assert row["answers"] == len(by_task["teacher"][task])
+        for v in logp:
+            np.testing.assert_allclose(row[v], np.mean(by_task[v][task]), atol=1e-9)
     assert "p(ans) beyond" in demo_report.format_table(dict(rep, gap_closed=0.0))
