@@ -133,13 +133,15 @@ DONATE_LOGITS = False
 
 
 @functools.lru_cache(maxsize=None)
-def _donating_step(dec):
+def _donating_step(dec, fused_memory):
+    """Keyed by the memory-path switch too: the --fused-memory rows flip it, and a jit cached per decoder alone would
+    keep the first trace."""
     from ahn_jax.inference import decode as decode_module
 
     def step(leaves, cache, ids, logits_buffer):
         del logits_buffer  # donated only for its memory: jax aliases it to the logits output (same shape and dtype)
         return dec._fn(leaves, cache, ids, None, decoding=True, first_valid=0, all_logits=False,
-                       q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=decode_module._fused_memory_static())
+                       q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=fused_memory)
 
     return jax.jit(step, donate_argnums=() if jax.default_backend() == "cpu" else (1, 3))
 
@@ -149,7 +151,9 @@ def stepper(dec, cache, tokens):
     DONATE_LOGITS the step that reuses the logits buffer it is given); logits: the buffer for the first call."""
     if not DONATE_LOGITS:
         return (lambda logits, cache: dec.step(tokens, cache)), None
-    donating = _donating_step(dec)
+    from ahn_jax.inference import decode as decode_module
+
+    donating = _donating_step(dec, decode_module._fused_memory_static())
     logits = jnp.zeros(jax.eval_shape(lambda c: dec.step(tokens, c), cache)[0].shape, jnp.float32)
     return (lambda logits, cache: donating(dec._leaves, cache, tokens, logits)), logits
 
@@ -258,10 +262,13 @@ def attention_only_seconds(dec, cache, steps):
 
 def compiled_step_text(dec, cache, fused=None):
     """The optimised HLO of the compiled, donated decode step; fused: the memory kernel on/off (None: the library's
-    setting, decode.fused_memory_decode_enabled())."""
+    setting; on uses decode.FUSED_MEMORY_BLOCK_V as the step itself does)."""
     from ahn_jax.inference import decode as decode_module
 
-    fused = decode_module.fused_memory_decode_enabled() if fused is None else fused
+    if fused is None:
+        fused = decode_module._fused_memory_static()
+    elif fused:
+        fused = ("fused", decode_module.FUSED_MEMORY_BLOCK_V)
     fn = jax.jit(decode_module._forward, static_argnums=(0,),
                  static_argnames=("decoding", "first_valid", "all_logits", "fused_memory"), donate_argnums=(2,))
     ids = jnp.zeros((cache.batch, 1), jnp.int32)

@@ -248,7 +248,8 @@ def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, b
 def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks, fused=False):
     """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
     the written buffers (the evicted token t - W is still in its slot: R >= W + 1). Reads only the evicted slot.
-    fused: use the Pallas kernel where fuses_memory_decode(mem). Returns (y [B, 1, F], new memory state)."""
+    fused: use the Pallas kernel where fuses_memory_decode(mem): True, or ("fused", block_v) as _fused_memory_static
+    gives it. Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
     if _feeds_all(mem):
@@ -258,7 +259,7 @@ def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, win
         return y[:, None], state
     evict = pos >= first_memory_query(window, sinks)
     slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
-    if fused and fuses_memory_decode(mem):  # fused: True, or ("fused", block_v) from _fused_memory_static
+    if fused and fuses_memory_decode(mem):
         block_v = fused[1] if isinstance(fused, tuple) else None
         return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v)
     rows = jnp.arange(pos.shape[0])
