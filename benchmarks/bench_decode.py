@@ -466,8 +466,6 @@ def main(argv=None):
     global DONATE_LOGITS
     DONATE_LOGITS = args.donate_logits
     if args.fused_block_v is not None:
-        from ahn_jax.inference import decode as decode_module
-
         decode_module.FUSED_MEMORY_BLOCK_V = args.fused_block_v
     if args.fused_check_only:
         return fused_check_only(args, out_dir)
