@@ -25,11 +25,12 @@ import bench_delta_rule as bdr  # noqa: E402  (sets the JAX memory fraction befo
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bench_util import rel, time_jax  # noqa: E402
 from pallas_kernels import delta_rule as pk  # noqa: E402
 from pallas_kernels import delta_rule_wy as wy  # noqa: E402
-from pallas_kernels.common import chunk_cumsum  # noqa: E402
+from pallas_kernels.common import chunk_cumsum, wy_factors  # noqa: E402
 
 # name, chunk, block_v (None = default), pallas_kernels.delta_rule knobs
 # Sweeps on the H100 (2026-11-22, RESULTS.md "Fifth round"): c64 stages 1/2/3/4 2.71/2.10/1.72/1.71 ms, 5 stages and
@@ -39,20 +40,16 @@ from pallas_kernels.common import chunk_cumsum  # noqa: E402
 # Knob names: pallas_kernels.delta_rule attributes, or "wy.<name>" for pallas_kernels.delta_rule_wy.
 VARIANTS = [
     ("defaults", 64, None, {}),
-    # Larger diagonal blocks of T: the product-form inverse on 32x32 or one 64x64 block (5 / 6 factors of tensor-core
-    # dots instead of 16x16 blocks plus block substitution); float32-exact on CPU, TF32 precision to be checked here.
-    ("wy sub32", 64, None, {"wy.WY_SUB": 32}),
-    ("wy sub64", 64, None, {"wy.WY_SUB": 64}),
-    ("wy sub64 w8", 64, None, {"wy.WY_SUB": 64, "wy.WY_WARPS": 8}),
-    ("wy sub32 w8", 64, None, {"wy.WY_SUB": 32, "wy.WY_WARPS": 8}),
+    # Diagonal blocks of T (WY_SUB): 32 became the default after the fifth session's run (fwd 1.697 -> 1.532 ms, WY
+    # kernel 0.938 -> 0.771; 64: 1.597; 8 warps at 32 / 64: 1.975 / 2.094). 16 kept as the reference point; 64 is not
+    # timed: its product form loses all precision on correlated keys (wy_precision).
+    ("wy sub16", 64, None, {"wy.WY_SUB": 16}),
 ]
-# Backward knobs (forward+backward timed): the reverse sweep and the dq/dk/dw kernel ran with 1 stage so far.
+# Backward knobs (forward+backward timed). Backward stages 2-3 gave nothing (fourth session); WY_SUB also sets the
+# blocks of the WY VJP kernel, whose 32 vs 16 is timed here.
 BWD_VARIANTS = [
     ("bwd defaults", {}),
-    ("sweep s2", {"BWD_STAGES": 2}),
-    ("sweep s3", {"BWD_STAGES": 3}),
-    ("sweep s3 dqkw s2", {"BWD_STAGES": 3, "DQKW_STAGES": 2}),
-    ("sweep s3 dqkw s3", {"BWD_STAGES": 3, "DQKW_STAGES": 3}),
+    ("wy sub16", {"wy.WY_SUB": 16}),
 ]
 
 
@@ -111,6 +108,7 @@ def main(argv=None):
         backward_variants(out, q, k, v, g, beta, x, d, interp)
     if args.check_dims:
         check_dims(out, args.smoke, interp)
+    wy_precision(out, args.smoke, interp)
     print(f"\n{'variant':<16}{'fwd ms':>9}{'WY ms':>8}{'x FLA':>7}{'rel err':>9}")
     for r in out["rows"]:
         print(f"{r['variant']:<16}{r.get('fwd_ms', float('nan')):>9.3f}{r.get('wy_ms', float('nan')):>8.3f}"
@@ -121,6 +119,8 @@ def main(argv=None):
               f"{r.get('grad_rel_err', float('nan')):.1e}  {r.get('error', r.get('skipped', ''))[:80]}")
     for r in out.get("dims", []):
         print("dims", r)
+    for r in out.get("wy_precision", []):
+        print("wy precision", r)
     return out
 
 
@@ -167,6 +167,41 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
         finally:
             set_knobs(prev)
         _record(out, "backward", row)
+
+
+def wy_precision(out, smoke, interp):
+    """WY_SUB's effect on accuracy where it is hardest: strongly correlated keys (every key + 2x the sequence's first
+    key, then normalised: cosines ~0.8, as keys sharing a bias direction), beta ~ U(0, 1), gated and plain. The larger
+    product-form blocks multiply more powers of a far-from-identity N (CPU float32: W rel error 2.6e-7 at 16, 1.0e-5 at
+    32, 9.7e-3 at 64), and on the GPU the kernel's float32 dots may run as TF32. Compared: the W, U factors with the
+    float32 triangular solve at the highest precision, and the whole forward with the float32 token scan."""
+    b, t, h, d = (1, 128, 2, 32) if smoke else (1, 4096, 16, 128)
+    x = bdr.make_inputs(b, t, h, d, seed=7)
+    k = x["k"] + 2.0 * x["k"][:, :1]
+    x["k"] = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    out["wy_precision"] = []
+    for gated in (True, False):
+        q, k, v, g, beta, _ = bdr.device_inputs(x, gated)
+        o_ref, _ = jax.jit(bdr.scan_reference, static_argnums=5)(q, k, v, g, beta, d ** -0.5)
+        gc = chunk_cumsum(g, 64) if gated else None
+        f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+        with jax.default_matmul_precision("highest"):
+            w_ref, u_ref = jax.jit(lambda k, v, beta, gc: wy_factors(k, v, beta, gc, 64))(f32(k), f32(v), f32(beta),
+                                                                                          gc)
+        for sub in (16, 32, 64):
+            prev = set_knobs({"wy.WY_SUB": sub})
+            row = {"gated": gated, "wy_sub": sub}
+            try:
+                w, u = jax.jit(lambda k, v, beta, gc: wy.wy_factors_pallas(k, v, beta, gc, 64, interpret=interp))(
+                    k, v, beta, gc)
+                o = jax.jit(lambda q, k, v, g, beta: pk.gated_delta_rule(
+                    q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0])(q, k, v, g, beta)
+                row.update(w_rel_err=rel(w, w_ref), u_rel_err=rel(u, u_ref), o_rel_err_vs_scan=rel(o, o_ref))
+            except Exception as e:  # noqa: BLE001
+                row["error"] = bdr.err(e)
+            finally:
+                set_knobs(prev)
+            _record(out, "wy_precision", row)
 
 
 def check_dims(out, smoke, interp):

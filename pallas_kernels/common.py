@@ -22,6 +22,11 @@ def pallas_module():
     return pl
 
 
+# Grid size up to which an extra Triton pipelining stage pays (~2 programs per SM on an H100's 132 SMs): more stages
+# cost occupancy, which only matters when programs are many (delta_rule / ssd forward stages, benchmarks/RESULTS.md).
+FEW_PROGRAMS = 256
+
+
 def triton_params(num_warps: int, num_stages: int):
     """Triton compiler params on GPU (selects the Triton lowering, which Mosaic GPU cannot replace here yet); None
     elsewhere (interpret mode, TPU)."""

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import (F32, check_rank, chunk_cumsum, dot, dot_nt, dot_tn, pad_time, pallas_module,
-                                   triton_params, wy_factors, wy_factors_and_vjp)
+from pallas_kernels.common import (F32, FEW_PROGRAMS, check_rank, chunk_cumsum, dot, dot_nt, dot_tn, pad_time,
+                                   pallas_module, triton_params, wy_factors, wy_factors_and_vjp)
 from pallas_kernels.delta_rule_wy import wy_factors_pallas, wy_factors_vjp_pallas  # noqa: F401 - re-exported
 
 # Tuning knobs (GPU): value-block width when the caller gives none, and Triton warps per program. Batch-1 long
@@ -44,7 +44,7 @@ FWD_WARPS = 4
 # So: FWD_STAGES when the grid has at most FWD_STAGES_MAX_PROGRAMS programs and D <= 128, else FWD_STAGES_WIDE.
 FWD_STAGES = 3
 FWD_STAGES_WIDE = 2
-FWD_STAGES_MAX_PROGRAMS = 256  # ~2 per SM on an H100 (132 SMs)
+FWD_STAGES_MAX_PROGRAMS = FEW_PROGRAMS
 
 
 def _fwd_stages(programs: int, dk: int) -> int:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.common import F32, check_rank, chunk_cumsum, pad_time, triton_params
+from pallas_kernels.common import F32, FEW_PROGRAMS, check_rank, chunk_cumsum, pad_time, triton_params
 from pallas_kernels.common import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot_tn
 
 # GPU tuning knobs. The [L, L] intra-chunk matrices live in registers, so the kernel chunk is capped well below the
@@ -41,8 +41,18 @@ KERNEL_CHUNK = 64
 DEFAULT_BLOCK_P = 32  # B1 H16 P128: 64 programs; smaller blocks add programs but recompute C B^T per block
 FWD_WARPS = 4
 BWD_WARPS = 8
-FWD_STAGES = 2  # Triton pipelining stages of the forward's chunk loop (the delta rule's forward gained from 3)
+# Triton pipelining stages of the forward's chunk loop. H100, B1 T32768 H16 P128 N128 (64 programs; `bench_ssd.py
+# --stages-only`, fifth session): forward 1 stage 1.43 ms, 2: 1.32, 3: 0.94-1.04, 4: 1.14; backward stages 2-3 cost
+# (fwd+bwd 15.1 -> 17.2 ms). As in the delta rule's forward, the extra stage is taken only where programs are few
+# (common.FEW_PROGRAMS) and the state is at most 128 wide (untested above: its buffers double).
+FWD_STAGES = 3
+FWD_STAGES_WIDE = 2
+FWD_STAGES_MAX_PROGRAMS = FEW_PROGRAMS
 BWD_STAGES = 1
+
+
+def _fwd_stages(programs: int, n_state: int) -> int:
+    return FWD_STAGES if n_state <= 128 and programs <= FWD_STAGES_MAX_PROGRAMS else FWD_STAGES_WIDE
 
 
 def _pl():
@@ -160,7 +170,8 @@ def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_s
     kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g,
                                save_states=save_states)
     return pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, p // block_p), interpret=interpret,
-                          compiler_params=triton_params(FWD_WARPS, FWD_STAGES), name="ssd_fwd")(
+                          compiler_params=triton_params(FWD_WARPS, _fwd_stages(b * h * (p // block_p), n_state)),
+                          name="ssd_fwd")(
         x, d_hm, a_hm, bm, cm, h0)
 
 
