@@ -9,7 +9,7 @@ VJP (derived from dT^-1 = -T^-1 dM T^-1 and checked against jax.vjp of pallas_ke
   dA  = -strict_lower(T^T (dW KB^T + dU VB^T) T^T) = -strict_lower(dKB W^T + dVB U^T)   (W = T KB, U = T VB),
 then through A, KB, VB to k, beta and gc (see _wy_vjp_kernel). The second form of dA needs no extra products with T.
 
-T is built in sub x sub blocks (sub = WY_SUB: 32, measured fastest on the H100; 16 is the smallest Triton dot). Each
+T is built in sub x sub blocks (sub = WY_SUB = 16, the smallest Triton dot; larger blocks lose precision). Each
 diagonal block of I + A is inverted either by forward substitution over its rows (WY_INVERSE = "substitution": sub - 1
 dependent masked vector steps) or by the product form (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...(I + N^(sub/2)) of a
 nilpotent N (WY_INVERSE = "product": 2 log2(sub) - 2 dots, exact because N^sub = 0); the blocks below the diagonal
@@ -33,10 +33,12 @@ WY_VJP_WARPS = 4
 # it divides the number of chunks, else 1. H100, B1 T32768 H16 D128 (benchmarks/sweep_delta_rule.py): WY kernel 1.03 ms
 # at 1, 1.87 at 2, 1.95 at 4, 1.81 at 2 with 8 warps (2 warps at 1: 1.56 in that run): more per program is slower.
 WY_CHUNKS_PER_PROGRAM = 1
-# Block of the on-chip triangular inverse; chunks not a multiple use one block. H100, gated B1 T32768 H16 D128 forward
-# (benchmarks/sweep_delta_rule.py, fifth session): 16 (the smallest Triton dot) 1.697 ms (WY kernel 0.938), 32 1.532
-# (0.771), 64 1.597 (0.867); with 8 warps 32/64 are slower (1.97/2.09). Same agreement with the float32 scan.
-WY_SUB = 32
+# Block of the on-chip triangular inverse (16: the smallest Triton dot); chunks not a multiple use one block. Larger
+# blocks are faster but lose precision: H100, B1 T32768 H16 D128 gated forward 1.683-1.697 ms at 16 vs 1.532-1.587 at
+# 32, but on strongly correlated keys (cosines ~0.8) with the plain rule the product form at 32 returns W with
+# relative error 1.09 (output 1.0) against 4.2e-3 at 16; at 64 it overflows (sweep_delta_rule.py's wy_precision,
+# fifth session). Gated keys decay and stay accurate at every size. So 16.
+WY_SUB = 16
 # "product" (dots) or "substitution" (the latency-bound row substitution; see module docstring). H100, B1 T32768 H16
 # D128: WY kernel 0.87 ms (product) vs 1.16 ms (substitution), same agreement with the XLA solve (benchmarks/RESULTS.md).
 WY_INVERSE = "product"
@@ -80,7 +82,7 @@ def _invert_diagonal_blocks(diag_a, sub, method):
         for n in diag_a:
             inv = eye - n
             p = n
-            for _ in range(max(0, (sub - 1).bit_length() - 1)):  # N^2 ... N^(sub/2): N^2, N^4, N^8, N^16 for sub = 32
+            for _ in range(max(0, (sub - 1).bit_length() - 1)):  # N^2 ... N^(sub/2): N^2, N^4, N^8 for sub = 16
                 p = dot(p, p, F32)
                 inv = inv + dot(inv, p, F32)
             out.append(inv)

@@ -30,8 +30,7 @@ def _chunk_inputs(seed, b, t, h, dk, dv, chunk, gated, correlated):
     return k, v, beta, gc, dw, du
 
 
-# (chunk, gated, inverse): at the default WY_SUB 32, chunk 64 = two 32x32 blocks (the GPU case), 32 = one, 8 = one block
-# (not a multiple of 32); 16x16 blocks: test_diagonal_block_sizes_match_the_triangular_solve.
+# (chunk, gated, inverse): chunk 64 = four 16x16 blocks (the GPU case), 32 = two, 8 = one block (not a multiple of 16).
 CASES = [(64, True, "substitution"), (32, False, "substitution"), (8, True, "product"), (64, True, "product")]
 
 
@@ -155,10 +154,10 @@ def test_several_chunks_per_program_give_the_same_factors(per_program, n_chunks,
         np.testing.assert_array_equal(np.asarray(g_), np.asarray(w_))
 
 
-@pytest.mark.parametrize("sub", [16, 32, 64])
-def test_diagonal_block_sizes_match_the_triangular_solve(sub, monkeypatch):
-    """WY_SUB 16 / 32 / 64: the product-form inverse on blocks of each size (four, two, one per 64-chunk), correlated
-    keys."""
+@pytest.mark.parametrize("sub", [32, 64])
+def test_larger_diagonal_blocks_match_the_triangular_solve(sub, monkeypatch):
+    """WY_SUB 32 / 64 (knobs, not the default: on the GPU they lose precision on correlated ungated keys): the
+    product-form inverse on bigger blocks, correlated gated keys, float32 on CPU."""
     chunk = 64
     k, v, beta, gc, _, _ = _chunk_inputs(5, 1, 2 * chunk, 2, 32, 16, chunk, True, correlated=True)
     w_ref, u_ref = wy_factors(k, v, beta, gc, chunk)
