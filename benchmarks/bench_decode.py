@@ -116,44 +116,6 @@ def place_decoder(dec):
     return dec
 
 
-def _sharded(fn):
-    """fn(leaves, cache, ids) -> (out [B, ...], cache) run per device on its slice of the batch (shard_map: no
-    communication at all). Left to XLA's sharding propagation instead, the step gathered the batch around the Pallas
-    memory kernel (a custom call it cannot split): 2x H200, 128k x 32, hybrid W=32,640 98 ms per step vs 24 ms for
-    the whole batch on one H100."""
-    from jax.sharding import PartitionSpec as P
-
-    batch = P("batch")
-    return jax.jit(jax.shard_map(fn, mesh=BATCH_SHARDING.mesh, in_specs=(P(), batch, batch), out_specs=(batch, batch),
-                                 check_vma=False), donate_argnums=(1,))
-
-
-def sharded_step(dec, fused_memory):
-    """Decoder.step under --shard-batch (one compiled program per decoder and memory switch)."""
-    from ahn_jax.inference import decode as decode_module
-
-    key = ("step", fused_memory)
-    cache = dec.__dict__.setdefault("_bench_sharded", {})
-    if key not in cache:
-        cache[key] = _sharded(lambda leaves, c, ids: dec._fn(
-            leaves, c, ids, None, decoding=True, first_valid=0, all_logits=False,
-            q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=fused_memory))
-    return cache[key]
-
-
-def sharded_greedy(dec, steps, fused_memory):
-    """Decoder.greedy under --shard-batch."""
-    from ahn_jax.inference import decode as decode_module
-
-    key = ("greedy", steps, fused_memory)
-    cache = dec.__dict__.setdefault("_bench_sharded", {})
-    if key not in cache:
-        loop = decode_module._jitted_greedy(dec.graphdef, jax.tree.structure(dec.state), jax.default_backend(), steps,
-                                            fused_memory)
-        cache[key] = _sharded(loop)
-    return cache[key]
-
-
 def random_cache(dec, batch, context, steps, key):
     """A cache as if `context` tokens had been consumed, with random contents (see the module docstring). Built one
     leaf at a time from the cache's shapes, so the peak is the cache plus one leaf (an all-zeros cache filled
@@ -208,13 +170,9 @@ def _donating_step(dec, fused_memory):
 def stepper(dec, cache, tokens):
     """-> (one, logits): one(logits, cache) -> (logits, cache) runs a decode step on `tokens` (Decoder.step, or with
     DONATE_LOGITS the step that reuses the logits buffer it is given); logits: the buffer for the first call."""
-    from ahn_jax.inference import decode as decode_module
-
-    if BATCH_SHARDING is not None:
-        step = sharded_step(dec, decode_module._fused_memory_static())
-        return (lambda logits, cache: step(dec._leaves, cache, tokens)), None
     if not DONATE_LOGITS:
         return (lambda logits, cache: dec.step(tokens, cache)), None
+    from ahn_jax.inference import decode as decode_module
 
     donating = _donating_step(dec, decode_module._fused_memory_static())
     logits = place_batch(jnp.zeros(jax.eval_shape(lambda c: dec.step(tokens, c), cache)[0].shape, jnp.float32))
@@ -242,20 +200,13 @@ def time_decode(dec, cache, steps, repeats):
 def time_greedy(dec, cache, steps, repeats=3):
     """Seconds per token of Decoder.greedy: `steps` greedy tokens in one compiled device loop (one dispatch per
     `steps` tokens), median of `repeats` calls after a compiling call. -> (seconds per token, cache)."""
-    from ahn_jax.inference import decode as decode_module
-
     tokens = place_batch(jnp.zeros((cache.batch, 1), jnp.int32))
-    if BATCH_SHARDING is None:
-        greedy = dec.greedy
-    else:
-        loop = sharded_greedy(dec, steps, decode_module._fused_memory_static())
-        greedy = lambda tokens, cache, steps: loop(dec._leaves, cache, tokens)  # noqa: E731
-    out, cache = greedy(tokens, cache, steps)
+    out, cache = dec.greedy(tokens, cache, steps)
     out.block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        out, cache = greedy(tokens, cache, steps)
+        out, cache = dec.greedy(tokens, cache, steps)
         out.block_until_ready()
         times.append((time.perf_counter() - start) / steps)
     return float(np.median(times)), cache
