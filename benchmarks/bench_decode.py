@@ -95,27 +95,6 @@ def _random_leaf(key, shape, dtype):
     return jnp.zeros(shape, dtype)
 
 
-# --shard-batch: the batch axis of every cache leaf and token array is split over all local devices (data parallel:
-# each GPU decodes batch / n sequences against its own replica of the weights), so a configuration whose cache does
-# not fit one GPU (full KV at 128k x 32: 144.6 GiB) is timed on a host with several. None = one device.
-BATCH_SHARDING = None
-
-
-def place_batch(x):
-    """x [B, ...] split over the devices along B (--shard-batch); unchanged otherwise."""
-    return x if BATCH_SHARDING is None else jax.device_put(x, BATCH_SHARDING)
-
-
-def place_decoder(dec):
-    """The decoder's weights replicated on every device (--shard-batch); returns dec."""
-    if BATCH_SHARDING is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        replicated = NamedSharding(BATCH_SHARDING.mesh, PartitionSpec())
-        dec._leaves = [jax.device_put(x, replicated) for x in dec._leaves]
-    return dec
-
-
 def random_cache(dec, batch, context, steps, key):
     """A cache as if `context` tokens had been consumed, with random contents (see the module docstring). Built one
     leaf at a time from the cache's shapes, so the peak is the cache plus one leaf (an all-zeros cache filled
@@ -125,7 +104,7 @@ def random_cache(dec, batch, context, steps, key):
     max_length = context + steps if dec.teacher else None
     shapes: InferenceCache = jax.eval_shape(lambda: dec.init_cache(batch, max_length))
     leaves, treedef = jax.tree.flatten(shapes.layers)
-    filled = [place_batch(_random_leaf(k, sd.shape, jnp.dtype(sd.dtype)))
+    filled = [_random_leaf(k, sd.shape, jnp.dtype(sd.dtype))
               for sd, k in zip(leaves, jax.random.split(key, len(leaves)))]
     r, s = shapes.ring_size, shapes.sinks
     slots = jnp.arange(r)
@@ -135,8 +114,8 @@ def random_cache(dec, batch, context, steps, key):
         ring_pos = (context - 1) - ((context - 1 - s - slots) % r)
         ring_pos = jnp.where(ring_pos >= s, ring_pos, -1)
     ring_pos = jnp.broadcast_to(ring_pos.astype(jnp.int32), (batch, r))
-    return shapes.replace(layers=jax.tree.unflatten(treedef, filled), ring_pos=place_batch(ring_pos),
-                          lengths=place_batch(jnp.full((batch,), context, jnp.int32)))
+    return shapes.replace(layers=jax.tree.unflatten(treedef, filled), ring_pos=ring_pos,
+                          lengths=jnp.full((batch,), context, jnp.int32))
 
 
 def cache_bytes_estimate(dec, batch, context, steps):
@@ -175,14 +154,14 @@ def stepper(dec, cache, tokens):
     from ahn_jax.inference import decode as decode_module
 
     donating = _donating_step(dec, decode_module._fused_memory_static())
-    logits = place_batch(jnp.zeros(jax.eval_shape(lambda c: dec.step(tokens, c), cache)[0].shape, jnp.float32))
+    logits = jnp.zeros(jax.eval_shape(lambda c: dec.step(tokens, c), cache)[0].shape, jnp.float32)
     return (lambda logits, cache: donating(dec._leaves, cache, tokens, logits)), logits
 
 
 def time_decode(dec, cache, steps, repeats):
     """Median over `repeats` loops of `steps` pipelined decode steps (Decoder.step: no host sync inside the loop),
     after 2 warm-up steps (the first compiles). -> (seconds per step, cache)."""
-    tokens = place_batch(jnp.asarray(np.random.default_rng(0).integers(0, 500, size=(cache.batch, 1)), jnp.int32))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 500, size=(cache.batch, 1)), jnp.int32)
     one, logits = stepper(dec, cache, tokens)
     for _ in range(2):
         logits, cache = one(logits, cache)
@@ -200,7 +179,7 @@ def time_decode(dec, cache, steps, repeats):
 def time_greedy(dec, cache, steps, repeats=3):
     """Seconds per token of Decoder.greedy: `steps` greedy tokens in one compiled device loop (one dispatch per
     `steps` tokens), median of `repeats` calls after a compiling call. -> (seconds per token, cache)."""
-    tokens = place_batch(jnp.zeros((cache.batch, 1), jnp.int32))
+    tokens = jnp.zeros((cache.batch, 1), jnp.int32)
     out, cache = dec.greedy(tokens, cache, steps)
     out.block_until_ready()
     times = []
@@ -465,10 +444,6 @@ def main(argv=None):
     p.add_argument("--fused-block-v", type=int, default=None,
                    help="with --fused-memory: the hybrid_fused rows (and their check) use the split form of the kernel "
                         "with this value block (decode.FUSED_MEMORY_BLOCK_V)")
-    p.add_argument("--shard-batch", action="store_true",
-                   help="split each row's batch over all local devices (data parallel, weights replicated): times "
-                        "configurations whose cache does not fit one GPU (full KV at 128k x 32) on a multi-GPU host; "
-                        "batches must divide by the device count, the memory limit and floor are per device")
     p.add_argument("--donate-logits", action="store_true",
                    help="time steps that donate the previous logits buffer (see DONATE_LOGITS: does the host-side "
                         "CUDA-graph re-recording disappear when no output moves between calls?)")
@@ -481,8 +456,6 @@ def main(argv=None):
     if args.smoke:
         args.contexts, args.batches, args.windows, args.sinks = "96,160", "1,2", "48,16", 4
         args.layers, args.prefill_length, args.prefill_chunk, args.steps, args.repeats = 2, 200, 64, 3, 2
-        if args.shard_batch:  # CPU check with XLA_FLAGS=--xla_force_host_platform_device_count=2
-            args.prefill_length, args.batches = 0, "2"
 
     from ahn_jax.inference import decode as decode_module
     from ahn_jax.inference.cache import cache_nbytes
@@ -497,20 +470,6 @@ def main(argv=None):
     if args.fused_check_only:
         return fused_check_only(args, out_dir)
     device = jax.devices()[0]
-    n_dev = 1
-    if args.shard_batch:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        global BATCH_SHARDING
-        n_dev = jax.device_count()
-        if args.prefill_length or args.profile or args.fused_memory or args.fused_check_only:
-            p.error("--shard-batch times decode rows only: pass --prefill-length 0, without --profile, --fused-memory")
-        bad = [b for b in args.batches.split(",") if int(b) % n_dev]
-        if bad:
-            p.error(f"--shard-batch: batches {bad} do not divide by the {n_dev} devices")
-        from ahn_jax import compat
-
-        BATCH_SHARDING = NamedSharding(compat.make_mesh((n_dev,), ("batch",)), PartitionSpec("batch"))
     limit = args.memory_limit_gb * 2 ** 30 if args.memory_limit_gb else \
         0.85 * (device.memory_stats() or {}).get("bytes_limit", 80 * 2 ** 30)
     windows = [int(w) for w in args.windows.split(",")]
@@ -519,18 +478,17 @@ def main(argv=None):
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
     result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "fused_block_v": args.fused_block_v, "donate_logits": args.donate_logits,
-              "devices": n_dev, "batch_sharded": args.shard_batch, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+              "fused_block_v": args.fused_block_v, "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],
               "profile": {}}
-    full = place_decoder(Decoder(base))
+    full = Decoder(base)
     start_all = time.perf_counter()
 
     if args.prefill_length:
         # Increasing order of expected peak (the device's peak counter only grows): hybrid at each length, then full.
-        hybrid = place_decoder(Decoder(build_hybrid(base, windows[0], args.sinks)))
+        hybrid = Decoder(build_hybrid(base, windows[0], args.sinks))
         for length in sorted({min(n, args.prefill_length) for n in (args.prefill_length // 4, args.prefill_length // 2,
                                                                       args.prefill_length)}):
             r = measure_prefill(hybrid, length, args.prefill_chunk, weight_bytes)
@@ -558,12 +516,9 @@ def main(argv=None):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
                "cache_bytes": cache_bytes_estimate(dec, batch, context, fed)}
         # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
-        # cache_bytes is the whole batch's; with --shard-batch each device holds 1 / n_dev of it.
-        # Per device: each reads the weights and its share of the cache.
-        row["floor_ms"] = 1e3 * (weight_bytes + row["cache_bytes"] / n_dev) / (args.bandwidth_tbs * 1e12)
-        if row["cache_bytes"] / n_dev > limit:
-            row["skipped"] = (f"cache {row['cache_bytes'] / n_dev / 2 ** 30:.1f} GiB per device > limit "
-                              f"{limit / 2 ** 30:.1f} GiB")
+        row["floor_ms"] = 1e3 * (weight_bytes + row["cache_bytes"]) / (args.bandwidth_tbs * 1e12)
+        if row["cache_bytes"] > limit:
+            row["skipped"] = f"cache {row['cache_bytes'] / 2 ** 30:.1f} GiB > limit {limit / 2 ** 30:.1f} GiB"
         else:
             try:
                 cache = random_cache(dec, batch, context, fed, jax.random.key(context))
@@ -573,9 +528,6 @@ def main(argv=None):
                     if not args.no_greedy_rows:  # the same decode in a compiled loop: no host work per token
                         greedy_s, cache = time_greedy(dec, cache, args.greedy_steps)
                         row.update(greedy_ms_per_token=1e3 * greedy_s, greedy_tokens_per_s=batch / greedy_s)
-                if BATCH_SHARDING is not None:  # the steps kept the cache split (no gather onto one device)
-                    ring = cache.layers[0].ring_k
-                    row["ring_shard_shape"] = list(ring.sharding.shard_shape(ring.shape))
                 del cache
             except Exception as e:  # noqa: BLE001 - an OOM is a result here
                 row["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -604,7 +556,7 @@ def main(argv=None):
             del cache
             print("profile full", json.dumps(summary)[:2000], flush=True)
     for window in windows:
-        hybrid = place_decoder(Decoder(build_hybrid(base, window, args.sinks)))
+        hybrid = Decoder(build_hybrid(base, window, args.sinks))
         if args.fused_memory:
             try:
                 check = check_fused(hybrid, min(batches), window, args.sinks)
