@@ -51,7 +51,9 @@ PREFILL_QUERY_TILE = 256
 FUSED_MEMORY_DECODE = "auto"
 # None: the fused step is one kernel, one program per (sequence, query head): 16 programs at batch 1 for Qwen2.5-3B,
 # 12.6 us per layer on the H100. An int (dividing head_dim) selects the split form: the state update over
-# (B, Hq, head_dim / block) programs, then the head as a second kernel. Interpret-mode tested, not yet timed.
+# (B, Hq, head_dim / block) programs, then the head as a second kernel. H100, block 32: state 0.124 + head 0.355 ms
+# per step vs 0.455 for the one kernel (the head costs what was saved), greedy within noise (RESULTS.md, "Fifth
+# version"): off.
 FUSED_MEMORY_BLOCK_V = None
 # Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
 # are zeroed explicitly.
