@@ -143,28 +143,38 @@ def fla_times(inp, row):
             run(*leaves).backward(tb["cot"].to(torch.bfloat16))
 
         row["fla_fwdbwd_ms"] = triton.testing.do_bench(fwd_bwd, return_mode="median")
-        del tb, leaves
+        tb.clear()  # free the tensors before empty_cache (clear, not del: fwd_bwd closes over both)
+        leaves.clear()
         torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001 - FLA is optional (carried on the GPU machine only)
         row["fla_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     log(f"{row['shape']}: fla", {k: row[k] for k in row if k.startswith("fla")})
 
 
-def sweep(shape, reps):
-    """Forward time of the kernel over its tuning knobs (kernel chunk, P block) at one shape."""
+def sweep(shape, reps, budget_s=None):
+    """Forward time of the kernel over its tuning knobs (kernel chunk, P block) at one shape, each variant's output
+    first compared with the defaults' (the math does not depend on the knobs; only float32 rounding does)."""
     name, b, t, h, p, n = shape
     inp = make_inputs(b, t, h, p, n, seed=1)
     args = [jnp.asarray(inp["x"], jnp.bfloat16), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]),
             jnp.asarray(inp["B"], jnp.bfloat16), jnp.asarray(inp["C"], jnp.bfloat16), jnp.asarray(inp["dt_bias"])]
     d = jax.nn.softplus(args[1] + args[5])
+    y_default = jax.jit(lambda x, d, A, B, C: pk.ssd_scan(x, d, A, B, C))(args[0], d, args[2], args[3], args[4])[0]
+    budget_s = BUDGET_S if budget_s is None else budget_s
     for chunk in (32, 64):
         for block_p in (16, 32, 64):
-            if p % block_p or time.time() - START > BUDGET_S:
+            if p % block_p or time.time() - START > budget_s:
                 continue
             row = {"kind": "sweep", "shape": name, "chunk": chunk, "block_p": block_p}
             try:
                 fn = jax.jit(lambda x, d, A, B, C, c=chunk, bp=block_p: pk.ssd_scan(x, d, A, B, C, chunk_size=c,
                                                                                   block_p=bp))
+                row["rel_err_vs_defaults"] = rel(fn(args[0], d, args[2], args[3], args[4])[0], y_default)
+                if row["rel_err_vs_defaults"] > 1e-2:
+                    row["error"] = "output disagrees with the defaults'"
+                    log("sweep", row)
+                    ROWS.append(row)
+                    continue
                 row["ours_fwd_ms"] = time_jax(fn, args[0], d, args[2], args[3], args[4], reps=reps)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -233,12 +243,20 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--stages-only", action="store_true",
                     help="only the pipelining-stages sweep at the first shape (sweep_stages), no bench shapes")
+    ap.add_argument("--knobs-only", action="store_true",
+                    help="only the kernel chunk x block_p sweep (sweep), at the first two shapes")
     args = ap.parse_args()
     reps = 10
     if args.smoke:
         SHAPES[:] = [("tiny B1 T80 H2 P32 N16", 1, 80, 2, 32, 16), ("tiny B2 T40 H2 P16 N16", 2, 40, 2, 16, 16)]
         reps = 2
     log("device", jax.devices()[0], "jax", jax.__version__)
+    if args.knobs_only:
+        for shape in SHAPES[:2]:
+            sweep(shape, reps, budget_s=float("inf"))
+        for r in ROWS:
+            print(r, flush=True)
+        return
     if args.stages_only:
         sweep_stages(SHAPES[0], reps)
         for r in ROWS:
