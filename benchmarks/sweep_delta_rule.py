@@ -208,7 +208,8 @@ def check_dims(out, smoke, interp):
     """The defaults at D 64 and 256: forward output and final state against the float32 scan, and one backward."""
     out["dims"] = []
     for d in (64, 256):
-        b, t, h = (1, 128, 2) if smoke else (1, 4096, 16)
+        # D 256 at T 2048 H 8: the float32 token scan's VJP (the reference) asked for 64.5 GiB at T 4096 H 16.
+        b, t, h = (1, 128, 2) if smoke else ((1, 4096, 16) if d == 64 else (1, 2048, 8))
         x = bdr.make_inputs(b, t, h, d, seed=d)
         q, k, v, g, beta, cot = bdr.device_inputs(x, True)
         row = {"shape": [b, t, h, d]}
