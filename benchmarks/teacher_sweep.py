@@ -70,6 +70,9 @@ TEACHERS = [
     ("w128_h2x64_seed1", arch(128, 2, 64), {**B32, "train.steps": 12000, "train.seed": 1}),
     ("w64_h4x16_control", arch(64, 4, 16), {**B32, "train.steps": 12000}),
     ("w128_h2x64_20k", arch(128, 2, 64), {**B32, "train.steps": 20000}),
+    # Fifth session: 4 x 32 was the one shape that helped (0.22-0.29 of the gap); more heads of each width next.
+    ("w256_h8x32", arch(256, 8, 32), {**B32, "train.steps": 12000}),
+    ("w128_h8x16", arch(128, 8, 16), {**B32, "train.steps": 12000}),
 ]
 SMOKE = {"names": ["w128_h2x64", "w64_h4x16_control"], "steps": 12, "log_every": 4, "pool_batches": 24}
 PLATEAU_ACC = 0.3  # training-batch answer accuracy that marks "left the recall plateau" (chance is ~0.04)
