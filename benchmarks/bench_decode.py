@@ -141,7 +141,8 @@ def _donating_step(dec, fused_memory):
     def step(leaves, cache, ids, logits_buffer):
         del logits_buffer  # donated only for its memory: jax aliases it to the logits output (same shape and dtype)
         return dec._fn(leaves, cache, ids, None, decoding=True, first_valid=0, all_logits=False,
-                       q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=fused_memory)
+                       q_tile=decode_module.PREFILL_QUERY_TILE, fused_memory=fused_memory,
+                       attention_kernel=decode_module.decode_attention_kernel_enabled())
 
     return jax.jit(step, donate_argnums=() if jax.default_backend() == "cpu" else (1, 3))
 
@@ -270,10 +271,12 @@ def compiled_step_text(dec, cache, fused=None):
     elif fused:
         fused = ("fused", decode_module.FUSED_MEMORY_BLOCK_V)
     fn = jax.jit(decode_module._forward, static_argnums=(0,),
-                 static_argnames=("decoding", "first_valid", "all_logits", "fused_memory"), donate_argnums=(2,))
+                 static_argnames=("decoding", "first_valid", "all_logits", "fused_memory", "attention_kernel"),
+                 donate_argnums=(2,))
     ids = jnp.zeros((cache.batch, 1), jnp.int32)
-    return fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0,
-                    all_logits=False, fused_memory=fused).compile().as_text()
+    return fn.lower(dec.graphdef, dec.state, cache, ids, None, decoding=True, first_valid=0, all_logits=False,
+                    fused_memory=fused,
+                    attention_kernel=decode_module.decode_attention_kernel_enabled()).compile().as_text()
 
 
 def save_step_hlo(dec, cache, out_dir, tag, fused=None):
@@ -290,6 +293,54 @@ def ring_copies(dec, cache, fused=None):
     ring = ",".join(map(str, cache.layers[0].ring_k.shape))
     return sum(1 for line in text.splitlines()
                if ("copy(" in line or "copy-start(" in line) and f"[{ring}]" in line.split("=", 1)[-1][:60])
+
+
+@contextlib.contextmanager
+def attention_kernel(on):
+    """decode.DECODE_ATTENTION_KERNEL set to `on` inside the block (None: the library's setting)."""
+    from ahn_jax.inference import decode as decode_module
+
+    if on is None:
+        yield
+        return
+    old = decode_module.DECODE_ATTENTION_KERNEL
+    decode_module.DECODE_ATTENTION_KERNEL = on
+    try:
+        yield
+    finally:
+        decode_module.DECODE_ATTENTION_KERNEL = old
+
+
+def check_attention_kernel(batch, ring, sinks, hq=16, hkv=2, d=128, window=None):
+    """The decode-attention kernel vs the XLA block attention on cache-shaped random blocks (a sink block of `sinks`
+    keys and a ring of `ring`, some slots empty), one query per sequence near the end: relative max error in float32
+    (highest-precision XLA dots) and bf16. -> dict with ok."""
+    from ahn_jax.inference.decode import block_attention
+
+    window = ring - 1 if window is None else window
+    out = {"batch": batch, "ring": ring, "sinks": sinks}
+    ks = jax.random.split(jax.random.key(5), 5)
+    for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+        q = jax.random.normal(ks[0], (batch, 1, hq, d), jnp.float32).astype(dtype)
+        blocks = []
+        for i, (n, start) in enumerate(((sinks, 0), (ring, sinks))):
+            k = jax.random.normal(ks[1 + 2 * i], (batch, hkv, n, d), jnp.float32).astype(dtype)
+            v = jax.random.normal(ks[2 + 2 * i], (batch, hkv, n, d), jnp.float32).astype(dtype)
+            pos = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (batch, n))
+            pos = jnp.where(jnp.arange(n) % 97 == 5, -1, pos)  # a few empty slots
+            blocks.append((k, v, pos, pos >= 0))
+        q_pos = jnp.full((batch, 1), sinks + ring - 1, jnp.int32)
+        with jax.default_matmul_precision("highest"):
+            want = jax.jit(lambda q, b: block_attention(q, b, q_pos, window=window, sinks=sinks))(q, blocks)
+            got = jax.jit(lambda q, b: block_attention(q, b, q_pos, window=window, sinks=sinks, kernel=True))(
+                q, blocks)
+        err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
+        out[name] = err / max(float(jnp.abs(want.astype(jnp.float32)).max()), 1e-30)
+    from pallas_kernels.decode_attention import key_split
+
+    out["kernel_blocks"] = [n for n in (sinks, ring) if n and key_split(n)]  # the rest stays on the XLA path
+    out["ok"] = bool(out["kernel_blocks"] and out["float32"] < 1e-4 and out["bfloat16"] < 2e-2)
+    return out
 
 
 @contextlib.contextmanager
@@ -444,6 +495,10 @@ def main(argv=None):
     p.add_argument("--fused-block-v", type=int, default=None,
                    help="with --fused-memory: the hybrid_fused rows (and their check) use the split form of the kernel "
                         "with this value block (decode.FUSED_MEMORY_BLOCK_V)")
+    p.add_argument("--attention-kernel", action="store_true",
+                   help="also time every row with the Pallas decode-attention kernel (decode.DECODE_ATTENTION_KERNEL; "
+                        "kinds full_attnk / hybrid_attnk), after checking it against the XLA block attention at the "
+                        "rows' ring sizes")
     p.add_argument("--donate-logits", action="store_true",
                    help="time steps that donate the previous logits buffer (see DONATE_LOGITS: does the host-side "
                         "CUDA-graph re-recording disappear when no output moves between calls?)")
@@ -454,7 +509,7 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny dims, 2 layers, short contexts: checks the script on CPU")
     args = p.parse_args(argv)
     if args.smoke:
-        args.contexts, args.batches, args.windows, args.sinks = "96,160", "1,2", "48,16", 4
+        args.contexts, args.batches, args.windows, args.sinks = "96,160", "1,2", "47,15", 4  # rings 48, 16
         args.layers, args.prefill_length, args.prefill_chunk, args.steps, args.repeats = 2, 200, 64, 3, 2
 
     from ahn_jax.inference import decode as decode_module
@@ -512,7 +567,7 @@ def main(argv=None):
     # full-KV cache is sized for them (a hybrid's does not depend on it).
     fed = args.steps * args.repeats + 2 + (0 if args.no_greedy_rows else 4 * args.greedy_steps)
 
-    def run_row(name, dec, window, context, batch, fused=None):
+    def run_row(name, dec, window, context, batch, fused=None, attn=None):
         row = {"kind": name, "window": window, "context": context, "batch": batch,
                "cache_bytes": cache_bytes_estimate(dec, batch, context, fed)}
         # Bytes one step must read at least: the weights once and the whole cache (KV, gates and state alike).
@@ -522,7 +577,7 @@ def main(argv=None):
         else:
             try:
                 cache = random_cache(dec, batch, context, fed, jax.random.key(context))
-                with fused_memory(fused):
+                with fused_memory(fused), attention_kernel(attn):
                     sec, cache = time_decode(dec, cache, args.steps, args.repeats)
                     row.update(ms_per_step=1e3 * sec, tokens_per_s=batch / sec)
                     if not args.no_greedy_rows:  # the same decode in a compiled loop: no host work per token
@@ -539,9 +594,22 @@ def main(argv=None):
         with open(os.path.join(out_dir, "bench_decode.json"), "w") as f:
             json.dump(result, f, indent=2)
 
+    # --attention-kernel: the plain rows use the XLA block attention, "_attnk" rows the Pallas kernel (if it agrees).
+    attn_base, attn_rows = (False, False) if args.attention_kernel else (None, False)
+    if args.attention_kernel:
+        from ahn_jax.inference.cache import ring_slots
+
+        checks = [check_attention_kernel(min(batches), ring_slots(windows[0] + 1), args.sinks),
+                  check_attention_kernel(min(batches), 8192, 0, window=2 ** 31 - 1)]
+        result["attention_kernel_check"] = checks
+        print("attention kernel check", checks, flush=True)
+        attn_rows = all(c["ok"] for c in checks)
+        save()
     for context in contexts:
         for batch in batches:
-            run_row("full", full, None, context, batch)
+            run_row("full", full, None, context, batch, attn=attn_base)
+            if attn_rows:
+                run_row("full_attnk", full, None, context, batch, attn=True)
     if args.profile:  # the full-KV model at the same point, for comparison (its own cache must fit)
         context = max(contexts)
         if cache_bytes_estimate(full, args.profile_batch, context, 8) <= limit:
@@ -567,7 +635,9 @@ def main(argv=None):
             save()
         for context in contexts:
             for batch in batches:
-                run_row("hybrid", hybrid, window, context, batch, fused=hybrid_fused)
+                run_row("hybrid", hybrid, window, context, batch, fused=hybrid_fused, attn=attn_base)
+                if attn_rows:
+                    run_row("hybrid_attnk", hybrid, window, context, batch, fused=hybrid_fused, attn=True)
                 if args.fused_memory:
                     run_row("hybrid_fused", hybrid, window, context, batch, fused=True)
         if args.profile and window == windows[0]:
@@ -623,12 +693,14 @@ def print_table(result, args, device):
     print(f"\n{device} | {result['shapes']} shapes, {result['layers']} layers, bf16 random weights "
           f"({result['weights_bytes'] / gib:.2f} GiB) | hybrid S={args.sinks} gated_deltanet | decode caches filled "
           f"with random values | floor = (weights + cache) / {args.bandwidth_tbs} TB/s")
-    print(f"{'kind':12} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
+    print(f"{'kind':13} {'window':>7} {'context':>8} {'batch':>5} {'cache GiB':>10} {'floor ms':>9} {'ms/step':>9} "
           f"{'tok/s':>9} {'x full':>7} {'greedy ms/tok':>14} {'x full':>7}")
-    full = {(r["context"], r["batch"]): r for r in result["decode"] if r["kind"] == "full"}
+    # A hybrid row is compared with the full-KV row of the same attention path (kernel rows end in "_attnk").
+    full = {(r["kind"].endswith("_attnk"), r["context"], r["batch"]): r for r in result["decode"]
+            if r["kind"] in ("full", "full_attnk")}
 
     def vs_full(r, key):
-        ref = full.get((r["context"], r["batch"]), {}).get(key)
+        ref = full.get((r["kind"].endswith("_attnk"), r["context"], r["batch"]), {}).get(key)
         return f"{r[key] / ref:7.2f}" if r["kind"].startswith("hybrid") and ref and key in r else f"{'-':>7}"
 
     for r in result["decode"]:
@@ -638,7 +710,7 @@ def print_table(result, args, device):
                     f"{vs_full(r, 'greedy_tokens_per_s')}")
         else:
             tail = f"  skipped: {r['skipped'][:70]}"
-        print(f"{r['kind']:12} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
+        print(f"{r['kind']:13} {str(r['window'] or '-'):>7} {r['context']:8d} {r['batch']:5d} "
               f"{r['cache_bytes'] / gib:10.2f} {r['floor_ms']:9.2f} {tail}")
     for name, r in result["prefill"].items():
         if r.get("peak_bytes") is not None:

@@ -55,6 +55,11 @@ FUSED_MEMORY_DECODE = "auto"
 # per step vs 0.455 for the one kernel (the head costs what was saved), greedy within noise (RESULTS.md, "Fifth
 # version"): off.
 FUSED_MEMORY_BLOCK_V = None
+# Decode attention (one new token per sequence) over each cache block as one Pallas kernel per block
+# (pallas_kernels/decode_attention.py: flash-decoding partials, merged here) instead of a dozen small XLA kernels.
+# "auto": on GPUs only; True / False force it (elsewhere it runs in Pallas interpret mode). Blocks whose length no
+# power-of-two split divides keep the XLA form. Read per call, passed to the jitted step as a static argument.
+DECODE_ATTENTION_KERNEL = False
 # Finite "minus infinity" for masked scores (as in ops/attention.py): exp() stays NaN-free; rows with no visible key
 # are zeroed explicitly.
 _MASKED = -1e30
@@ -65,6 +70,13 @@ def fused_memory_decode_enabled() -> bool:
     if FUSED_MEMORY_DECODE == "auto":
         return jax.default_backend() == "gpu"
     return bool(FUSED_MEMORY_DECODE)
+
+
+def decode_attention_kernel_enabled() -> bool:
+    """DECODE_ATTENTION_KERNEL resolved for this process's default backend."""
+    if DECODE_ATTENTION_KERNEL == "auto":
+        return jax.default_backend() == "gpu"
+    return bool(DECODE_ATTENTION_KERNEL)
 
 
 def _fused_memory_static():
@@ -116,7 +128,7 @@ def _store_kv(buf, new, idx):
     return buf.at[rows, :, idx].set(new.astype(buf.dtype), mode="drop")
 
 
-def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
+def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False):
     """Attention of new queries over several key blocks of a cache, as one softmax, without concatenating the blocks
     or repeating KV heads.
 
@@ -126,7 +138,8 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
     attention_visible(q_pos, k_pos, window, sinks) & k_valid; a query that sees no key gets zeros.
     Query head h uses KV head h // (Hq / Hkv) (as models.hybrid.repeat_kv). Scores, softmax and the weighted sum
     accumulate in float32 (the probabilities meet V in V's dtype, as in ops.attention). Returns [B, Tq, Hq, D] in
-    q's dtype.
+    q's dtype. kernel (decode, Tq = 1): each block whose length a power-of-two split divides goes through the Pallas
+    kernel (pallas_kernels/decode_attention.py), which returns the same per-split partials.
     """
     B, tq, hq, d = q.shape
     blocks = [b for b in blocks if b[0].shape[2] > 0]
@@ -141,7 +154,8 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
                              f" k_pos = k_valid [B,N]; got k {k.shape}, v {v.shape}, k_pos {k_pos.shape}, "
                              f"k_valid {k_valid.shape}")
     window = jnp.iinfo(jnp.int32).max if window is None else window
-    scale = jnp.float32(d ** -0.5 if scale is None else scale)
+    scale_f = float(d ** -0.5 if scale is None else scale)
+    scale = jnp.float32(scale_f)
     qg = q.reshape(B, tq, hkv, hq // hkv, d)
     # Per block and per key split: the split's own row max m, sum of exp (den) and weighted values (num); combined
     # below with one global max. Splitting the key axis (flash-decoding) matters for decode: one query per head gives
@@ -150,6 +164,14 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
     parts = []
     for k, v, k_pos, k_valid in blocks:
         n = k.shape[2]
+        if kernel and tq == 1 and _decode_attention().key_split(n) is not None:
+            m, den, num = _decode_attention().decode_attention_partials(
+                q[:, 0].reshape(B, hkv, hq // hkv, d), k, v, k_pos, k_valid, q_pos[:, 0], window=window, sinks=sinks,
+                scale=scale_f)
+            # [B, Hkv, ns, G(, D)] -> the XLA layout below: [B, Hkv, G, Tq = 1, ns(, D)]
+            parts.append((jnp.swapaxes(m, 2, 3)[:, :, :, None], jnp.swapaxes(den, 2, 3)[:, :, :, None],
+                          jnp.swapaxes(num, 2, 3)[:, :, :, None]))
+            continue
         length = _key_split(n, B * hq * tq)
         ns = n // length
         mask = attention_visible(q_pos[:, :, None], k_pos[:, None, :], window, sinks) & k_valid[:, None, :]
@@ -168,6 +190,12 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None):
     den = den[..., None]
     out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)  # [B, Hkv, G, Tq, D]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, tq, hq, d).astype(q.dtype)
+
+
+def _decode_attention():
+    from pallas_kernels import decode_attention  # lazy, as the memory kernel: pallas_kernels is only needed on demand
+
+    return decode_attention
 
 
 # Decode attention splits a block's keys into pieces of one of these lengths when it has few query rows (below) and
@@ -323,7 +351,7 @@ def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx):
 
 
 def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring_idx, sink_idx, ring_pos, lengths,
-           active, *, decoding, first_valid, q_tile, fused_memory=False):
+           active, *, decoding, first_valid, q_tile, fused_memory=False, attention_kernel=False):
     """One decoder layer. ring_pos [B, R] / lengths [B]: the slots' positions and token counts the attention sees
     (decode: after this step's write; prefill: before it)."""
     attn = layer.self_attn
@@ -337,7 +365,7 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
     if decoding:  # write first, then read only the written buffers (no copy of any buffer; module docstring)
         new = _write(lc, k, v, mem.write_gates(u) if feeds_evicted else None, ring_idx, sink_idx)
         blocks = [(new.sink_k, new.sink_v, sink_pos, sink_valid), (new.ring_k, new.ring_v, ring_pos, ring_pos >= 0)]
-        o = block_attention(q, blocks, positions, window=cache.window, sinks=s)
+        o = block_attention(q, blocks, positions, window=cache.window, sinks=s, kernel=attention_kernel)
         state, y = lc.memory, None
         if mem is not None:
             y, state = _memory_decode(mem, new.ring_k, new.ring_v, new.gates, lc.memory, q, k, v, u, positions,
@@ -360,7 +388,7 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
 
 
 def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, first_valid, all_logits,
-             q_tile=PREFILL_QUERY_TILE, fused_memory=False):
+             q_tile=PREFILL_QUERY_TILE, fused_memory=False, attention_kernel=False):
     """ids [B, Tc] at positions cache.lengths + i -> (logits [B, Tc or 1, V] float32, new cache). active [B] bool or
     None (decode only): a sequence marked False consumes nothing (its writes are dropped, its state kept)."""
     model = nnx.merge(graphdef, state)
@@ -384,7 +412,7 @@ def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, f
     for i, layer in enumerate(base.model.layers):
         x, lc = _layer(layer, memories.get(i), cache.layers[i], cache, x, positions, ring_idx, sink_idx, seen_pos,
                        seen_len, active, decoding=decoding, first_valid=first_valid, q_tile=q_tile,
-                       fused_memory=fused_memory)
+                       fused_memory=fused_memory, attention_kernel=attention_kernel)
         layers.append(lc)
     h = base.model.norm(x if all_logits else x[:, -1:])
     logits = base.logits(h)
@@ -398,19 +426,23 @@ def _jitted(graphdef, state_treedef, backend: str):
     Why not jit(_forward) with a static graphdef and the nnx.State: every call would hash the GraphDef and flatten
     the State in Python, several ms per token for a 36-layer model (measured on CPU), more than the whole step's
     device time at batch 1. Here both are done once per Decoder; jit's C++ path flattens the list."""
-    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile, fused_memory=False):
+    def step(leaves, cache, ids, active, *, decoding, first_valid, all_logits, q_tile, fused_memory=False,
+             attention_kernel=False):
         return _forward(graphdef, jax.tree.unflatten(state_treedef, leaves), cache, ids, active, decoding=decoding,
-                        first_valid=first_valid, all_logits=all_logits, q_tile=q_tile, fused_memory=fused_memory)
+                        first_valid=first_valid, all_logits=all_logits, q_tile=q_tile, fused_memory=fused_memory,
+                        attention_kernel=attention_kernel)
 
     # Donating the cache lets XLA update the ring in place; the CPU backend is left without donations so callers may
     # keep using a cache they passed in (tests compare caches).
     donate = () if backend == "cpu" else (1,)
-    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits", "q_tile", "fused_memory"),
+    return jax.jit(step, static_argnames=("decoding", "first_valid", "all_logits", "q_tile", "fused_memory",
+                                          "attention_kernel"),
                    donate_argnums=donate)
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int, fused_memory: bool = False):
+def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int, fused_memory=False,
+                   attention_kernel: bool = False):
     """`steps` greedy decode steps in one compiled loop (lax.fori_loop): each step feeds the argmax of its logits to
     the next. One dispatch per `steps` tokens instead of one per token (at batch 1 the per-call host work, e.g. XLA
     updating the step's CUDA graph, is of the order of the step's device time)."""
@@ -420,7 +452,8 @@ def _jitted_greedy(graphdef, state_treedef, backend: str, steps: int, fused_memo
         def body(i, carry):
             ids, out, cache = carry
             logits, cache = _forward(graphdef, state, cache, ids, None, decoding=True, first_valid=0,
-                                     all_logits=False, fused_memory=fused_memory)
+                                     all_logits=False, fused_memory=fused_memory,
+                                     attention_kernel=attention_kernel)
             ids = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
             return ids, out.at[:, i].set(ids[:, 0]), cache
 
@@ -459,10 +492,11 @@ class Decoder:
         return init_cache(self.model, batch, teacher=self.teacher, max_length=max_length)
 
     def _call(self, cache, ids, active=None, *, decoding, first_valid=0, all_logits=False):
-        # The tile and the fused-memory switch are read per call (static arguments: changing PREFILL_QUERY_TILE or
-        # FUSED_MEMORY_DECODE recompiles, never goes stale).
+        # The tile and the kernel switches are read per call (static arguments: changing PREFILL_QUERY_TILE,
+        # FUSED_MEMORY_DECODE or DECODE_ATTENTION_KERNEL recompiles, never goes stale).
         return self._fn(self._leaves, cache, ids, active, decoding=decoding, first_valid=first_valid,
-                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE, fused_memory=_fused_memory_static())
+                        all_logits=all_logits, q_tile=PREFILL_QUERY_TILE, fused_memory=_fused_memory_static(),
+                        attention_kernel=decode_attention_kernel_enabled())
 
     def prefill(self, input_ids, lengths=None, *, chunk=None, max_length=None, return_all_logits=False):
         """input_ids [B, T] int (right-padded), lengths [B] (default T) -> (logits_last [B, V] float32, cache), or
@@ -522,7 +556,8 @@ class Decoder:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"greedy: steps must be an int >= 1, got {steps!r}")
         treedef = jax.tree.structure(self.state)
-        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps, _fused_memory_static())
+        fn = _jitted_greedy(self.graphdef, treedef, jax.default_backend(), steps, _fused_memory_static(),
+                            decode_attention_kernel_enabled())
         return fn(self._leaves, cache, token_ids)
 
     def decode(self, token_ids, cache: InferenceCache, *, active=None):

@@ -1,0 +1,94 @@
+"""Decode attention partials (one new token per sequence) over one key block of a cache, as one Pallas kernel
+(flash-decoding; issue 5).
+
+The XLA form (ahn_jax/inference/decode.py: block_attention with one query row) is a dozen small kernels per block and
+layer (scores, mask, max, exp, sum, weighted values, pads and concatenates of the key splits); at batch 1 their launch
+cost is of the order of the bytes they read. Here one program per (sequence b, KV head h, split j of `split` keys):
+
+    s     = scale * q_g . k_n            for the G query heads g of KV head h and the split's keys n (float32 sums)
+    mask  = valid_n & k_pos_n <= q_pos & (q_pos - k_pos_n < window | k_pos_n < sinks)   (ops.window.attention_visible)
+    m     = max_n s (masked: MASKED)      p = exp(s - m) (masked: 0)      l = sum_n p      acc = p @ v (p in v's dtype)
+
+and the caller merges the splits (and other blocks) with one global max, as block_attention does. The G query rows
+are padded to 16 (the smallest Triton dot). Forward only: decode is never differentiated. Imports only jax/numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.common import F32, pallas_module, triton_params
+
+MASKED = -1e30  # finite "minus infinity" (as decode._MASKED): exp(MASKED - m) is 0 without NaNs
+MIN_ROWS = 16  # the smallest Triton dot: the G query heads of a KV head are padded up to this
+NUM_WARPS = 4
+SPLITS = (512, 256, 128, 64, 32, 16)  # keys per program, the largest dividing the block (powers of two for Triton)
+
+
+def key_split(n: int):
+    """Keys per program for a block of n keys: the largest of SPLITS dividing n, or None (no kernel: the caller
+    keeps the XLA form)."""
+    for split in SPLITS:
+        if n % split == 0:
+            return split
+    return None
+
+
+def _kernel(qpos_ref, q_ref, k_ref, v_ref, kpos_ref, kvalid_ref, m_ref, l_ref, acc_ref, *, split, window, sinks,
+            scale):
+    pl = pallas_module()
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    keys = pl.ds(j * split, split)
+    q = q_ref[b, h, :, :]  # [Gp, D]
+    k = k_ref[b, h, keys, :]  # [split, D]
+    s = lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())), preferred_element_type=F32) * scale
+    k_pos = kpos_ref[b, keys]
+    q_pos = qpos_ref[b]
+    visible = (kvalid_ref[b, keys] != 0) & (k_pos <= q_pos) & ((q_pos - k_pos < window) | (k_pos < sinks))
+    s = jnp.where(visible[None, :], s, MASKED)
+    m = jnp.max(s, axis=1)
+    p = jnp.where(visible[None, :], jnp.exp(s - m[:, None]), 0.0)
+    v = v_ref[b, h, keys, :]
+    acc = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+    m_ref[b, h, j, :] = m
+    l_ref[b, h, j, :] = jnp.sum(p, axis=1)
+    acc_ref[b, h, j, :, :] = acc
+
+
+def decode_attention_partials(q, k, v, k_pos, k_valid, q_pos, *, window, sinks, scale, split=None, interpret=None):
+    """Per-split softmax partials of one query token per sequence over one key block.
+
+    q [B, Hkv, G, D] (the token's query heads grouped by KV head: query head h*G + g); k, v [B, Hkv, N, D]; k_pos
+    [B, N] int absolute positions; k_valid [B, N] bool; q_pos [B] int; window: int (a huge int for full causal
+    attention); sinks int; split: keys per program (dividing N; None: key_split(N)). interpret None: interpret mode off
+    the GPU. Returns (m, l [B, Hkv, N / split, G], acc [B, Hkv, N / split, G, D]) float32: each split's row max of the
+    masked scores (MASKED where it sees no key), sum of exp(score - m) and exp-weighted sum of values.
+    """
+    bsz, hkv, g, d = q.shape
+    n = k.shape[2]
+    if k.shape != (bsz, hkv, n, d) or v.shape != k.shape or k_pos.shape != (bsz, n) or k_valid.shape != (bsz, n) \
+            or q_pos.shape != (bsz,):
+        raise ValueError(f"decode_attention_partials: need q [B, Hkv, G, D] = {q.shape}, k = v [B, Hkv, N, D], "
+                         f"k_pos = k_valid [B, N], q_pos [B]; got k {k.shape}, v {v.shape}, k_pos {k_pos.shape}, "
+                         f"k_valid {k_valid.shape}, q_pos {q_pos.shape}")
+    split = key_split(n) if split is None else split
+    if split is None or n % split:
+        raise ValueError(f"decode_attention_partials: no key split of {SPLITS} divides N={n} (got split={split})")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    gp = max(MIN_ROWS, 1 << (g - 1).bit_length())
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))) if gp != g else q
+    ns = n // split
+    window = min(int(window), jnp.iinfo(jnp.int32).max)
+    kernel = functools.partial(_kernel, split=split, window=window, sinks=int(sinks), scale=float(scale))
+    m, l, acc = pallas_module().pallas_call(
+        kernel, grid=(bsz, hkv, ns), interpret=interpret, name="decode_attention",
+        out_shape=(jax.ShapeDtypeStruct((bsz, hkv, ns, gp), F32), jax.ShapeDtypeStruct((bsz, hkv, ns, gp), F32),
+                   jax.ShapeDtypeStruct((bsz, hkv, ns, gp, d), F32)),
+        compiler_params=triton_params(NUM_WARPS, 1))(
+        q_pos.astype(jnp.int32), qp, k, v, k_pos.astype(jnp.int32), k_valid.astype(jnp.int32))
+    return m[..., :g], l[..., :g], acc[..., :g, :]
