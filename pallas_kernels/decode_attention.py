@@ -27,13 +27,16 @@ MASKED = -1e30  # finite "minus infinity" (as decode._MASKED): exp(MASKED - m) i
 MIN_ROWS = 16  # the smallest Triton dot: the G query heads of a KV head are padded up to this
 NUM_WARPS = 4
 SPLITS = (512, 256, 128, 64, 32, 16)  # keys per program, the largest dividing the block (powers of two for Triton)
+# Bytes of one program's key (or value) tile at most: split 512 x D 128 in bf16 asked for 288 KB of shared memory on
+# the H100 (227 KB available); 64 KB tiles (bf16: 256 keys at D 128, float32: 128) fit with room to spare.
+MAX_TILE_BYTES = 64 * 1024
 
 
-def key_split(n: int):
-    """Keys per program for a block of n keys: the largest of SPLITS dividing n, or None (no kernel: the caller
-    keeps the XLA form)."""
+def key_split(n: int, d: int = 128, itemsize: int = 2):
+    """Keys per program for a block of n keys of d elements of `itemsize` bytes: the largest of SPLITS dividing n
+    whose tile fits MAX_TILE_BYTES, or None (no kernel: the caller keeps the XLA form)."""
     for split in SPLITS:
-        if n % split == 0:
+        if n % split == 0 and split * d * itemsize <= MAX_TILE_BYTES:
             return split
     return None
 
@@ -64,8 +67,8 @@ def decode_attention_partials(q, k, v, k_pos, k_valid, q_pos, *, window, sinks, 
 
     q [B, Hkv, G, D] (the token's query heads grouped by KV head: query head h*G + g); k, v [B, Hkv, N, D]; k_pos
     [B, N] int absolute positions; k_valid [B, N] bool; q_pos [B] int; window: int (a huge int for full causal
-    attention); sinks int; split: keys per program (dividing N; None: key_split(N)). interpret None: interpret mode off
-    the GPU. Returns (m, l [B, Hkv, N / split, G], acc [B, Hkv, N / split, G, D]) float32: each split's row max of the
+    attention); sinks int; split: keys per program (dividing N; None: key_split(N, D, itemsize)). interpret None:
+    interpret mode off the GPU. Returns (m, l [B, Hkv, N / split, G], acc [B, Hkv, N / split, G, D]) float32: each split's row max of the
     masked scores (MASKED where it sees no key), sum of exp(score - m) and exp-weighted sum of values.
     """
     bsz, hkv, g, d = q.shape
@@ -75,9 +78,10 @@ def decode_attention_partials(q, k, v, k_pos, k_valid, q_pos, *, window, sinks, 
         raise ValueError(f"decode_attention_partials: need q [B, Hkv, G, D] = {q.shape}, k = v [B, Hkv, N, D], "
                          f"k_pos = k_valid [B, N], q_pos [B]; got k {k.shape}, v {v.shape}, k_pos {k_pos.shape}, "
                          f"k_valid {k_valid.shape}, q_pos {q_pos.shape}")
-    split = key_split(n) if split is None else split
+    split = key_split(n, d, max(k.dtype.itemsize, q.dtype.itemsize)) if split is None else split
     if split is None or n % split:
-        raise ValueError(f"decode_attention_partials: no key split of {SPLITS} divides N={n} (got split={split})")
+        raise ValueError(f"decode_attention_partials: no key split of {SPLITS} divides N={n} in tiles of <= "
+                         f"{MAX_TILE_BYTES} bytes (got split={split})")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     gp = max(MIN_ROWS, 1 << (g - 1).bit_length())

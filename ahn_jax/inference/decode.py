@@ -164,7 +164,7 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False
     parts = []
     for k, v, k_pos, k_valid in blocks:
         n = k.shape[2]
-        if kernel and tq == 1 and _decode_attention().key_split(n) is not None:
+        if kernel and tq == 1 and _decode_attention().key_split(n, d, max(k.dtype.itemsize, q.dtype.itemsize)):
             m, den, num = _decode_attention().decode_attention_partials(
                 q[:, 0].reshape(B, hkv, hq // hkv, d), k, v, k_pos, k_valid, q_pos[:, 0], window=window, sinks=sinks,
                 scale=scale_f)

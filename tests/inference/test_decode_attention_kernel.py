@@ -89,7 +89,8 @@ def test_greedy_loop_gets_the_switch_and_the_same_tokens(monkeypatch):
     dec = Decoder(model)
     calls = []
     kernel = decode_attention.decode_attention_partials
-    monkeypatch.setattr(decode_attention, "decode_attention_partials", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(decode_attention, "decode_attention_partials",
+                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
     out = {}
     for on in (False, True):
         monkeypatch.setattr(decode, "DECODE_ATTENTION_KERNEL", on)
