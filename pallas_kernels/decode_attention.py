@@ -34,7 +34,10 @@ MAX_TILE_BYTES = 64 * 1024
 
 def key_split(n: int, d: int = 128, itemsize: int = 2):
     """Keys per program for a block of n keys of d elements of `itemsize` bytes: the largest of SPLITS dividing n
-    whose tile fits MAX_TILE_BYTES, or None (no kernel: the caller keeps the XLA form)."""
+    whose tile fits MAX_TILE_BYTES, or None (no kernel: the caller keeps the XLA form; also for a head size that is
+    not a power of two >= 16, which Triton's loads and dots cannot take whole)."""
+    if d < MIN_ROWS or d & (d - 1):
+        return None
     for split in SPLITS:
         if n % split == 0 and split * d * itemsize <= MAX_TILE_BYTES:
             return split

@@ -1,7 +1,8 @@
-"""The fused decode memory kernel lowers through Pallas's Triton path for CUDA on this CPU-only machine
-(jax.export with platforms=("cuda",) runs the Pallas -> Triton IR lowering without a GPU): this catches a kernel body
-the Triton lowering cannot express before device time is spent on it (the one-kernel form has since run on an H100;
-the split form, block_v, has not). What it cannot check: Triton's compilation to PTX, register pressure and speed."""
+"""The decode kernels (fused memory step, decode attention) lower through Pallas's Triton path for CUDA on this
+CPU-only machine (jax.export with platforms=("cuda",) runs the Pallas -> Triton IR lowering without a GPU): this
+catches a kernel body the Triton lowering cannot express before device time is spent on it (the one-kernel memory
+form and the attention kernel have since run on an H100). What it cannot check: Triton's compilation to PTX, shared
+memory and register pressure, and speed."""
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +40,27 @@ def test_fused_delta_decode_lowers_to_triton_for_cuda(monkeypatch, gather_in_ker
     kernels = 1 if block_v is None else 2  # the split form: state kernel + head kernel
     assert text.count(TRITON_CALL) == kernels, f"expected {kernels} Triton kernel call(s)"
     assert "fused_delta_decode" in text
+
+
+@pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 64)])
+def test_decode_attention_lowers_to_triton_for_cuda(monkeypatch, dtype, d):
+    """The decode-attention kernel (pallas_kernels/decode_attention.py; timed on an H100 since): the Qwen2.5-3B
+    layout (8 query heads per KV head, padded to 16 rows) at the split key_split picks for the dtype."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    import pallas_kernels.decode_attention as decode_attention
+
+    monkeypatch.setattr(decode_attention, "triton_params",
+                        lambda w, s: plgpu_triton.CompilerParams(num_warps=w, num_stages=s))
+    B, HKV, G, N = 1, 2, 8, 1024
+    args = [S((B, HKV, G, d), dtype), S((B, HKV, N, d), dtype), S((B, HKV, N, d), dtype), S((B, N), jnp.int32),
+            S((B, N), jnp.bool_), S((B,), jnp.int32)]
+
+    def partials(q, k, v, k_pos, k_valid, q_pos):
+        return decode_attention.decode_attention_partials(q, k, v, k_pos, k_valid, q_pos, window=512, sinks=4,
+                                                          scale=d ** -0.5, interpret=False)
+
+    exported = export.export(jax.jit(partials), platforms=("cuda",),
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 1 and "decode_attention" in text
