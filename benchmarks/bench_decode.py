@@ -296,19 +296,25 @@ def ring_copies(dec, cache, fused=None):
 
 
 @contextlib.contextmanager
-def attention_kernel(on):
-    """decode.DECODE_ATTENTION_KERNEL set to `on` inside the block (None: the library's setting)."""
+def decode_switch(name, on):
+    """decode.<name> set to `on` inside the block (the switches are static arguments of the jitted step: both
+    variants stay compiled side by side); None leaves the library's setting."""
     from ahn_jax.inference import decode as decode_module
 
     if on is None:
         yield
         return
-    old = decode_module.DECODE_ATTENTION_KERNEL
-    decode_module.DECODE_ATTENTION_KERNEL = on
+    old = getattr(decode_module, name)
+    setattr(decode_module, name, on)
     try:
         yield
     finally:
-        decode_module.DECODE_ATTENTION_KERNEL = old
+        setattr(decode_module, name, old)
+
+
+def attention_kernel(on):
+    """decode.DECODE_ATTENTION_KERNEL set to `on` inside the block (None: the library's setting)."""
+    return decode_switch("DECODE_ATTENTION_KERNEL", on)
 
 
 def check_attention_kernel(batch, ring, sinks, hq=16, hkv=2, d=128, window=None):
@@ -343,21 +349,9 @@ def check_attention_kernel(batch, ring, sinks, hq=16, hkv=2, d=128, window=None)
     return out
 
 
-@contextlib.contextmanager
 def fused_memory(on):
-    """decode.FUSED_MEMORY_DECODE set to `on` inside the block (a static argument of the jitted step: both variants
-    stay compiled side by side); None leaves the library's setting."""
-    from ahn_jax.inference import decode as decode_module
-
-    if on is None:
-        yield
-        return
-    old = decode_module.FUSED_MEMORY_DECODE
-    decode_module.FUSED_MEMORY_DECODE = on
-    try:
-        yield
-    finally:
-        decode_module.FUSED_MEMORY_DECODE = old
+    """decode.FUSED_MEMORY_DECODE set to `on` inside the block (None: the library's setting)."""
+    return decode_switch("FUSED_MEMORY_DECODE", on)
 
 
 def check_fused(dec, batch, window, sinks):
