@@ -27,8 +27,9 @@ MASKED = -1e30  # finite "minus infinity" (as decode._MASKED): exp(MASKED - m) i
 MIN_ROWS = 16  # the smallest Triton dot: the G query heads of a KV head are padded up to this
 NUM_WARPS = 4
 SPLITS = (512, 256, 128, 64, 32, 16)  # keys per program, the largest dividing the block (powers of two for Triton)
-# Bytes of one program's key (or value) tile at most: split 512 x D 128 in bf16 asked for 288 KB of shared memory on
-# the H100 (227 KB available); 64 KB tiles (bf16: 256 keys at D 128, float32: 128) fit with room to spare.
+# Bytes of one program's key (or value) tile at most: 512-key splits at D 128 (the float32 check's 256 KB tiles)
+# asked the H100 for 288 KB of shared memory (227 KB available); 64 KB tiles (bf16: 256 keys at D 128, float32:
+# 128) compile and run.
 MAX_TILE_BYTES = 64 * 1024
 
 
