@@ -183,10 +183,13 @@ BWD_VARIANTS = [
 
 
 def set_knobs(knobs):
-    """Set pallas_kernels.delta_rule knobs; returns the previous values (to restore)."""
-    prev = {n: getattr(pk, n) for n in knobs}
-    for n, x in knobs.items():
-        setattr(pk, n, x)
+    """Set pallas_kernels.delta_rule knobs, or delta_rule_wy's with a "wy." prefix; returns the previous values (to
+    restore)."""
+    prev = {}
+    for name, value in knobs.items():
+        module, attr = (wy, name[3:]) if name.startswith("wy.") else (pk, name)
+        prev[name] = getattr(module, attr)
+        setattr(module, attr, value)
     return prev
 
 
@@ -260,10 +263,10 @@ def compare_backward(shape, res, quick):
 
 def fla_fn(gated):
     if gated:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
-        return lambda q, k, v, g, beta: f(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)[0]
-    from fla.ops.delta_rule import chunk_delta_rule as f
-    return lambda q, k, v, g, beta: f(q, k, v, beta, scale=q.shape[-1] ** -0.5)[0]
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        return lambda q, k, v, g, beta: chunk_gated_delta_rule(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)[0]
+    from fla.ops.delta_rule import chunk_delta_rule
+    return lambda q, k, v, g, beta: chunk_delta_rule(q, k, v, beta, scale=q.shape[-1] ** -0.5)[0]
 
 
 def bench_fla(row, x, gated, o_ref, ours_grads):
@@ -294,7 +297,8 @@ def bench_fla(row, x, gated, o_ref, ours_grads):
         row["fla_fwdbwd_ms"] = triton.testing.do_bench(fla_fb, return_mode="median")
     except Exception as e:  # noqa: BLE001 - FLA's gated backward refuses on Triton 3.6 / Hopper: FLA's failure
         row["fla_bwd_error"] = err(e)
-    del tq, tg, leaves
+    tq.clear()  # free the tensors (clear, not del: the closures above refer to these names)
+    leaves.clear()
     torch.cuda.empty_cache()
 
 

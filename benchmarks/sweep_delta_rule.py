@@ -16,6 +16,7 @@ Writes $OUT/sweep_delta_rule.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -83,9 +84,8 @@ def main(argv=None):
         del tq, tg
         torch.cuda.empty_cache()
     for name, chunk, block_v, knobs in VARIANTS:
-        prev = set_knobs(knobs)
         row = {"variant": name, "chunk": chunk, "block_v": block_v, "knobs": knobs}
-        try:
+        with variant(knobs, row):
             fwd = jax.jit(lambda q, k, v, g, beta, c=chunk, bv=block_v: pk.gated_delta_rule(
                 q, k, v, g, beta, scale=d ** -0.5, chunk_size=c, block_v=bv, interpret=interp or None)[0])
             row["rel_err_vs_scan"] = rel(fwd(q, k, v, g, beta), o_ref)
@@ -99,10 +99,6 @@ def main(argv=None):
                 row["wy_ms"] = time_jax(wyf, q, k, v, beta, gc, reps=20, warmup=3)
                 if "fla" in out:
                     row["vs_fla"] = row["fwd_ms"] / out["fla"]["fwd_ms"]
-        except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result
-            row["error"] = bdr.err(e)
-        finally:
-            set_knobs(prev)
         _record(out, "rows", row)
     if args.backward:
         backward_variants(out, q, k, v, g, beta, x, d, interp)
@@ -124,14 +120,17 @@ def main(argv=None):
     return out
 
 
-def set_knobs(knobs):
-    """Set delta_rule / delta_rule_wy ("wy." prefix) knobs; returns the previous values."""
-    prev = {}
-    for name, value in knobs.items():
-        module, attr = (wy, name[3:]) if name.startswith("wy.") else (pk, name)
-        prev[name] = getattr(module, attr)
-        setattr(module, attr, value)
-    return prev
+@contextlib.contextmanager
+def variant(knobs, row):
+    """Run one variant with `knobs` set: restored afterwards, and an exception (a variant that fails to compile is a
+    result) recorded as row["error"] instead of raised."""
+    prev = bdr.set_knobs(knobs)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        row["error"] = bdr.err(e)
+    finally:
+        bdr.set_knobs(prev)
 
 
 def _record(out, table, row):
@@ -149,9 +148,8 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
     cot = jnp.asarray(x["cot"], jnp.bfloat16)
     first = None
     for name, knobs in BWD_VARIANTS:
-        prev = set_knobs(knobs)
         row = {"variant": name, "knobs": knobs}
-        try:
+        with variant(knobs, row):
             fb = jax.jit(jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(pk.gated_delta_rule(
                 q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0].astype(jnp.float32) * cot),
                 (0, 1, 2, 3, 4)))
@@ -162,10 +160,6 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
                 row["skipped"] = "gradients disagree with the first variant's"
             else:
                 row["fwdbwd_ms"] = time_jax(fb, q, k, v, g, beta, cot, reps=10, warmup=2)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = bdr.err(e)
-        finally:
-            set_knobs(prev)
         _record(out, "backward", row)
 
 
@@ -189,18 +183,13 @@ def wy_precision(out, smoke, interp):
             w_ref, u_ref = jax.jit(lambda k, v, beta, gc: wy_factors(k, v, beta, gc, 64))(f32(k), f32(v), f32(beta),
                                                                                           gc)
         for sub in (16, 32, 64):
-            prev = set_knobs({"wy.WY_SUB": sub})
             row = {"gated": gated, "wy_sub": sub}
-            try:
+            with variant({"wy.WY_SUB": sub}, row):
                 w, u = jax.jit(lambda k, v, beta, gc: wy.wy_factors_pallas(k, v, beta, gc, 64, interpret=interp))(
                     k, v, beta, gc)
                 o = jax.jit(lambda q, k, v, g, beta: pk.gated_delta_rule(
                     q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0])(q, k, v, g, beta)
                 row.update(w_rel_err=rel(w, w_ref), u_rel_err=rel(u, u_ref), o_rel_err_vs_scan=rel(o, o_ref))
-            except Exception as e:  # noqa: BLE001
-                row["error"] = bdr.err(e)
-            finally:
-                set_knobs(prev)
             _record(out, "wy_precision", row)
 
 
