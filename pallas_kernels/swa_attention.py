@@ -61,6 +61,9 @@ class _Config:
     num_stages_dq: int | None
     dq_mode: str  # "kernel": dq in its own kernel; "atomic": dq accumulated by the dk/dv kernel with atomic adds
     lazy_rescale: bool  # forward: rescale the accumulator only when a row max grows by more than _RESCALE_SLACK
+    forward: str  # "triton": _fwd_kernel; "mosaic": swa_attention_mgpu (Hopper wgmma, warp-specialised)
+    backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
+    mosaic_schedule: tuple  # (dq, dk/dv) ping-pong of the Mosaic backward kernels, read from swa_attention_mgpu
     interpret: bool
 
 
@@ -188,6 +191,12 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
 
 def _forward(q, k, v, cfg: _Config):
     """Padded q [B,Tp,Hq,D], k/v [B,Tp,Hkv,D] -> (o [B,Tp,Hq,D], lse [B,Hq,Tp] float32)."""
+    if cfg.forward == "mosaic":
+        from pallas_kernels import swa_attention_mgpu as mgpu
+
+        return mgpu.forward(q, k, v, mgpu.MgpuConfig(window=cfg.window, sinks=cfg.sinks, scale=cfg.scale,
+                                                    block_kv=cfg.block_k, stages=cfg.num_stages,
+                                                    interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     group = hq // k.shape[2]
@@ -306,6 +315,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
 
 def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
     """Padded tensors in, (dq, dk, dv) padded out, in the input dtypes."""
+    if cfg.backward == "mosaic":
+        from pallas_kernels import swa_attention_mgpu as mgpu
+
+        return mgpu.backward(q, k, v, o, lse, do, dlse, mgpu.MgpuBwdConfig(
+            window=cfg.window, sinks=cfg.sinks, scale=cfg.scale, block_kv_dq=cfg.block_k_dq,
+            stages_dq=cfg.num_stages_dq, block_q_dkv=cfg.block_q_bwd, stages_dkv=cfg.num_stages_bwd,
+            schedule_dq=cfg.mosaic_schedule[0], schedule_dkv=cfg.mosaic_schedule[1], interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
@@ -432,6 +448,14 @@ def _default_blocks(d):
     return 64, 32, 32, 32, 8, 8, 2, 2
 
 
+def _mosaic_schedule(backward):
+    if backward != "mosaic":
+        return (False, False)
+    from pallas_kernels import swa_attention_mgpu as mgpu
+
+    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV)
+
+
 def _check_block(name, value):
     if value < 1 or value & (value - 1):
         raise ValueError(f"swa_attention: {name}={value} must be a positive power of two")
@@ -442,7 +466,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   block_k_bwd: int | None = None, block_q_dq: int | None = None, block_k_dq: int | None = None,
                   num_warps: int | None = None, num_warps_bwd: int | None = None, num_warps_dq: int | None = None,
                   num_stages: int | None = None, num_stages_bwd: int | None = None, num_stages_dq: int | None = None,
-                  dq_mode: str = "kernel", lazy_rescale: bool = False, interpret: bool | None = None):
+                  dq_mode: str = "kernel", lazy_rescale: bool = False, forward: str = "triton",
+                  backward: str = "triton", interpret: bool | None = None):
     """Sliding-window + sink attention: query t sees keys j <= t with t - j < window or j < sinks.
 
     Args:
@@ -458,6 +483,13 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       dq_mode: "kernel" (dq in its own kernel, which recomputes q k^T and dO v^T: 7 backward matmuls) or "atomic"
         (the dk/dv kernel also forms ds k and adds it into a float32 dq buffer with atomic adds: 5 matmuls).
       lazy_rescale: forward only rescales its accumulator when a row max grows by more than 2**8 (exact result).
+      forward: "triton" (the Pallas Triton kernel) or "mosaic" (pallas_kernels.swa_attention_mgpu: Hopper wgmma with
+        TMA and warp specialisation; bf16/f16, D a multiple of 64 up to 256; block_k is its key tile (64 or 128,
+        default 128), num_stages its K/V ring depth (default 2), block_q and num_warps do not apply: 128 query rows
+        per CTA).
+      backward: "triton" or "mosaic" (swa_attention_mgpu.backward: a dq kernel and a dk/dv kernel in the same style;
+        same constraints; block_k_dq is the dq kernel's key tile, block_q_bwd the dk/dv kernel's query tile, 64 or
+        128, default 64, num_stages_dq / num_stages_bwd their ring depths, default 2; dq_mode must be "kernel").
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
     Only D = 128 ran on a GPU (H100); other head sizes are tested in interpret mode, their GPU tiles untimed.
     Returns:
@@ -478,12 +510,33 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     dq_, dk_, dqb, dkb, warps, warps_bwd, stages, stages_bwd = _default_blocks(d)
+    if forward == "mosaic":
+        from pallas_kernels import swa_attention_mgpu as mgpu
+
+        dk_, stages = mgpu.DEFAULT_BLOCK_KV, mgpu.DEFAULT_STAGES
+        why = mgpu.supported(q, k, block_k or dk_)
+        if why:
+            raise ValueError(f"swa_attention: forward='mosaic' does not support {why}")
+    elif forward != "triton":
+        raise ValueError(f"swa_attention: forward must be 'triton' or 'mosaic', got {forward!r}")
+    if backward == "mosaic":
+        from pallas_kernels import swa_attention_mgpu as mgpu
+
+        dqb, dkb, stages_bwd = mgpu.MgpuBwdConfig.block_q_dkv, mgpu.MgpuBwdConfig.block_kv_dq, 2
+        why = mgpu.supported(q, k, block_q_bwd or dqb) or mgpu.supported(q, k, block_k_dq or dkb)
+        if why:
+            raise ValueError(f"swa_attention: backward='mosaic' does not support {why}")
+        if dq_mode != "kernel":
+            raise ValueError("swa_attention: backward='mosaic' computes dq in its own kernel (dq_mode='kernel')")
+    elif backward != "triton":
+        raise ValueError(f"swa_attention: backward must be 'triton' or 'mosaic', got {backward!r}")
     # Small sequences: shrink default tiles to the sequence (never below 16, the smallest matmul tile).
     cap = max(16, 1 << max(0, math.ceil(math.log2(max(t, 1)))))
     block_q = block_q or min(dq_, cap)
-    block_k = block_k or min(dk_, cap)
-    block_q_bwd = block_q_bwd or min(dqb, cap)
-    block_k_bwd = block_k_bwd or min(dkb, cap)
+    block_k = block_k or (dk_ if forward == "mosaic" else min(dk_, cap))  # mosaic pads T to 128 rows anyway
+    bwd_cap = 1 << 30 if backward == "mosaic" else cap  # the Mosaic kernels pad T to 128 rows anyway
+    block_q_bwd = block_q_bwd or min(dqb, bwd_cap)
+    block_k_bwd = block_k_bwd or min(dkb, bwd_cap)
     block_q_dq = block_q_dq or block_q_bwd
     block_k_dq = block_k_dq or block_k_bwd
     for name, value in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
@@ -492,6 +545,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     if dq_mode not in ("kernel", "atomic"):
         raise ValueError(f"swa_attention: dq_mode must be 'kernel' or 'atomic', got {dq_mode!r}")
     tile = max(block_q, block_k, block_q_bwd, block_k_bwd, block_q_dq, block_k_dq)
+    if "mosaic" in (forward, backward):
+        tile = max(tile, mgpu.ROWS_PER_CTA)
     tp = -(-t // tile) * tile
     cfg = _Config(window=min(window, tp), sinks=min(sinks, t), scale=float(d ** -0.5 if scale is None else scale),
                   seq_len=t, padded_len=tp, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
@@ -500,7 +555,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   num_warps_dq=num_warps_dq or num_warps_bwd or warps_bwd, num_stages=num_stages or stages,
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
-                  lazy_rescale=bool(lazy_rescale), interpret=bool(interpret))
+                  lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
+                  mosaic_schedule=_mosaic_schedule(backward), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

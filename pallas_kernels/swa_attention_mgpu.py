@@ -1,0 +1,709 @@
+"""Sliding-window + sink attention forward as a Mosaic GPU kernel (Hopper: wgmma, TMA, warp specialisation).
+
+Same function as pallas_kernels.swa_attention's forward (query t sees key j iff j <= t and (t - j < window or
+j < sinks)); it returns (o, lse) in the layout that module's backward reads, so the two can be combined: this
+forward, the Triton backward. Why a second kernel: the Triton lowering issues no warp-specialised wgmma pipeline
+and tops out near 400 TFLOP/s on the H100 (benchmarks/NOTES_swa.md); this design is the FlashAttention-3 one.
+
+One CTA owns 128 query rows of one query head and runs three warpgroups:
+  - two compute warpgroups, 64 query rows each: S = Q K^T (wgmma, accumulators in registers), online softmax in
+    log2 units, O += P V (wgmma with P from registers). They take turns on the tensor cores through a shared
+    "schedule" barrier so one warpgroup's softmax overlaps the other's matmuls;
+  - one memory warpgroup that streams the K/V blocks with TMA into a ring of `stages` shared-memory slots
+    (ready barriers: TMA done; free barriers: both compute warpgroups finished with the slot).
+The CTA's key blocks are one list: the sink blocks [0, n_sink), then the window blocks [win_lo, win_hi) of its
+128 rows. Both compute warpgroups walk the whole list (so the barrier counts match); each splits it into masked
+and unmasked ranges for its own 64 rows, so only edge blocks pay for the mask. A warpgroup's rows see up to
+block_kv keys it cannot use at the window's two ends (about 64 / W of extra work).
+
+Constraints (checked by the caller): bf16/f16, D a multiple of 64 and <= 256, padded length a multiple of 128 and
+of block_kv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ROWS_PER_WG = 64  # wgmma's M per warpgroup
+COMPUTE_WGS = 2
+ROWS_PER_CTA = ROWS_PER_WG * COMPUTE_WGS
+DEFAULT_BLOCK_KV = 128
+DEFAULT_STAGES = 2
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    window: int
+    sinks: int
+    scale: float
+    block_kv: int = DEFAULT_BLOCK_KV
+    stages: int = DEFAULT_STAGES  # K/V ring depth
+    schedule_barrier: bool = True  # ping-pong the two compute warpgroups on the tensor cores
+    interpret: bool = False
+
+
+def supported(q, k, block_kv: int = 128) -> str | None:
+    """None if the kernel handles these operands, else why not."""
+    d = q.shape[-1]
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {q.dtype} (bf16 / f16 only)"
+    if d % 64 or d > 256:
+        return f"head_dim {d} (a multiple of 64, at most 256)"
+    if block_kv % 64:
+        return f"block_kv {block_kv} (a multiple of 64)"
+    return None
+
+
+def _plgpu():
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: pulls the Mosaic GPU backend
+
+    return plgpu
+
+
+def _pl():
+    from jax.experimental import pallas as pl
+
+    return pl
+
+
+def _cdiv(a, b):
+    return lax.div(a + b - 1, b)
+
+
+def _step_plan(cta_q0, cfg: MgpuConfig):
+    """The CTA's key-block list: n_sink sink blocks, then window blocks win_lo.. (all int32 scalars)."""
+    bk = cfg.block_kv
+    win_lo = lax.div(jnp.maximum(cta_q0 - cfg.window + 1, 0), bk)
+    win_hi = lax.div(cta_q0 + ROWS_PER_CTA - 1, bk) + 1
+    n_sink = jnp.minimum(-(-cfg.sinks // bk), win_lo)
+    return n_sink, win_lo, win_hi
+
+
+def _key_block(step, n_sink, win_lo):
+    return jnp.where(step < n_sink, step, win_lo + step - n_sink)
+
+
+def _query_side_ranges(q0, bk, n_sink, win_lo, win_hi, window):
+    """A warpgroup's (rows [q0, q0 + 64)) split of its CTA's step list into (lo, hi, masked) step ranges: sinks
+    (masked), window left edge (masked), middle (no mask), diagonal (masked). Window-full: the block's first key is
+    >= q0 + 64 - window; causal-full: its last key is <= q0."""
+    full_lo = jnp.clip(_cdiv(jnp.maximum(q0 + ROWS_PER_WG - window, 0), bk), win_lo, win_hi)
+    full_hi = jnp.clip(lax.div(q0 + 1, bk), full_lo, win_hi)
+    to_step = n_sink - win_lo  # the step of window block kb is kb + to_step
+    n_steps = n_sink + win_hi - win_lo
+    return ((0, n_sink, True), (n_sink, full_lo + to_step, True), (full_lo + to_step, full_hi + to_step, False),
+            (full_hi + to_step, n_steps, True))
+
+
+def _visible(t, j, window, sinks):
+    return (j <= t) & ((t - j < window) | (j < sinks))
+
+
+# The GPU interpreter of jax 0.10 (used by the CPU tests) has no transposed shared-memory views, no run_state and no
+# register layouts, so there the two products are plain float32-accumulating dots on the loaded tiles: the tests
+# exercise everything else (the K/V pipeline and its barriers, the block lists, masks and the softmax).
+
+def _scores(q_smem, k_slot, take_turn, interpret: bool):
+    """q @ k^T [64, block_kv] float32; the warpgroup yields the tensor cores while the wgmma runs."""
+    plgpu, pl = _plgpu(), _pl()
+    if interpret:
+        out = lax.dot_general(q_smem[...], k_slot[...], (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+        take_turn()
+        return out
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_slot, (1, 0)))
+        take_turn()
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_slot.shape[0]), jnp.float32))
+
+
+def _accumulate(acc, a, b_ref, interpret: bool):
+    """acc + a @ b (a in registers, b [K, N] in shared memory), the accumulator preloaded into the wgmma."""
+    plgpu, pl = _plgpu(), _pl()
+    if interpret:
+        return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _two_products_bt(a1, b1, a2, b2, interpret: bool, while_running=lambda: None):
+    """(a1 @ b1^T, a2 @ b2^T) float32, operands in shared memory; both wgmmas are issued before either is awaited,
+    and `while_running` runs between (the ping-pong hand-over)."""
+    plgpu, pl = _plgpu(), _pl()
+    if interpret:
+        nt = (((1,), (1,)), ((), ()))
+        out = tuple(lax.dot_general(a[...], b[...], nt, preferred_element_type=jnp.float32)
+                    for a, b in ((a1, b1), (a2, b2)))
+        while_running()
+        return out
+
+    def products(refs):
+        r1, r2 = refs
+        plgpu.wgmma(r1, a1, plgpu.transpose_ref(b1, (1, 0)))
+        plgpu.wgmma(r2, a2, plgpu.transpose_ref(b2, (1, 0)))
+        while_running()
+        return r1[...], r2[...]
+
+    shape = (a1.shape[0], b1.shape[0])
+    return pl.run_scoped(products, (plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32)))
+
+
+class _Regs:
+    """Register-layout helpers: WGMMA layouts on the GPU, plain arrays in the interpreter (it has no layouts)."""
+
+    def __init__(self, interpret: bool):
+        self.interpret = interpret
+        self.plgpu = _plgpu()
+
+    def zeros(self, shape, fill=0.0):
+        x = jnp.full(shape, fill, jnp.float32)
+        if self.interpret:
+            return x
+        layout = self.plgpu.Layout.WGMMA if len(shape) == 2 else self.plgpu.Layout.WGMMA.reduce(1)
+        return self.plgpu.layout_cast(x, layout)
+
+    def iota(self, shape, dim):
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return self.plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.plgpu.Layout.WGMMA)
+
+    def broadcast(self, vec, shape, dim):
+        """vec [n] along dimension `dim` of a [.., ..] tile (the other dimension repeated)."""
+        return lax.broadcast_in_dim(vec, shape, [dim])
+
+    def load_vector(self, ref, vector_dim):
+        """A [n] float32 vector from shared memory, laid out to run along dimension `vector_dim` of a wgmma tile."""
+        if self.interpret:
+            return ref[...]
+        layout = self.plgpu.Layout.WGMMA.reduce(1 - vector_dim)
+        try:  # jax 0.11: load(src, *, layout); jax 0.10: load(src, idx, *, layout). pallas_kernels imports only
+            return self.plgpu.load(ref, layout=layout)  # jax, so this shim cannot live in ahn_jax/compat.py.
+        except TypeError:
+            return self.plgpu.load(ref, (), layout=layout)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuConfig, group: int):
+    plgpu, pl = _plgpu(), _pl()
+    (qo_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scratch
+    bk, stages = cfg.block_kv, cfg.stages
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_q0 = lax.axis_index("q_tiles") * ROWS_PER_CTA
+    n_sink, win_lo, win_hi = _step_plan(cta_q0, cfg)
+    n_steps = n_sink + win_hi - win_lo
+    dtype = q_ref.dtype
+    d = q_ref.shape[-1]
+    c = cfg.scale * _LOG2E  # scores in log2 units; exp2(s * c - m) is one FMA + exp2
+
+    def take_turn():  # ping-pong on the tensor cores
+        if cfg.schedule_barrier:
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem = qo_smem.at[wg]
+        q0 = cta_q0 + wg * ROWS_PER_WG
+        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head], q_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        regs = _Regs(cfg.interpret)  # loop carries in the layouts the wgmma results come in
+        m = regs.zeros((ROWS_PER_WG,), -jnp.inf)
+        l = regs.zeros((ROWS_PER_WG,))
+        acc = regs.zeros((ROWS_PER_WG, d))
+
+        if cfg.schedule_barrier:
+            pl.when(wg == 1)(take_turn)  # offsets the two warpgroups by one half-step
+
+        def step(s, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            scores = _scores(q_smem, k_smem.at[slot], take_turn, cfg.interpret)
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                shape = (ROWS_PER_WG, bk)
+                t = q0 + regs.iota(shape, 0)
+                j = _key_block(s, n_sink, win_lo) * bk + regs.iota(shape, 1)
+                scores = jnp.where(_visible(t, j, cfg.window, cfg.sinks), scores, -jnp.inf)
+            m_new = jnp.maximum(m, scores.max(axis=1) * c)
+            if masked:  # a row that has seen nothing yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+                m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            else:
+                m_new_safe = m_new
+            alpha = jnp.exp2(m - m_new_safe)
+            p = jnp.exp2(scores * c - lax.broadcast_in_dim(m_new_safe, scores.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            if cfg.schedule_barrier:
+                plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(v_ready.at[slot])
+            if cfg.schedule_barrier:
+                plgpu.barrier_wait(sched)
+
+            acc = _accumulate(acc, p16, v_smem.at[slot], cfg.interpret)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        carry = (acc, m, l)
+        for lo, hi, masked in _query_side_ranges(q0, bk, n_sink, win_lo, win_hi, cfg.window):
+            carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), carry)
+        acc, m, l = carry
+        if cfg.schedule_barrier:
+            pl.when(wg == 0)(take_turn)  # the arrival warpgroup 1 made before its loop
+
+        # Every row sees at least its own key, so l > 0 (padded rows too: they see themselves).
+        acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+        q_smem[...] = acc.astype(dtype)
+        lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q0, ROWS_PER_WG)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, group)
+
+        def load(s, slot):
+            rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+        for s in range(stages):  # fill the ring
+            pl.when(s < n_steps)(functools.partial(load, s, s))
+
+        @pl.loop(stages, jnp.maximum(n_steps, stages))
+        def _refill(s):
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(s, slot)
+
+        # Wait out the last slots' releases too: the kernel then ends with every barrier phase observed (the GPU
+        # interpreter checks it; on the GPU this warpgroup is idle by then anyway).
+        @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+        def _drain(s):
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def forward(q, k, v, cfg: MgpuConfig):
+    """Padded q [B, Tp, Hq, D], k/v [B, Tp, Hkv, D] -> (o [B, Tp, Hq, D], lse [B, Hq, Tp] float32, natural log)."""
+    plgpu, pl = _plgpu(), _pl()
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    if tp % ROWS_PER_CTA or tp % cfg.block_kv:
+        raise ValueError(f"swa_attention_mgpu: padded length {tp} must be a multiple of {ROWS_PER_CTA} and "
+                         f"block_kv={cfg.block_kv}")
+    why = supported(q, k, cfg.block_kv)
+    if why:
+        raise ValueError(f"swa_attention_mgpu: unsupported {why}")
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    bk, stages = cfg.block_kv, cfg.stages
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+        pl.run_scoped(
+            lambda *scratch: _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, cfg=cfg,
+                                             group=hq // hkv),
+            (
+                plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), q.dtype, transforms=swizzled),
+                plgpu.SMEM((stages, bk, d), k.dtype, transforms=swizzled),
+                plgpu.SMEM((stages, bk, d), v.dtype, transforms=swizzled),
+                plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+            ),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+            ),
+            (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+            collective_axes="wg",
+        )
+
+    interpret = None
+    if cfg.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on 0.10
+
+        interpret = InterpretGPUParams()
+    o, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
+        grid=(hq, tp // ROWS_PER_CTA, b),
+        grid_names=("heads", "q_tiles", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+    )(q, k, v)
+    return o, lse
+
+
+# ---------------------------------------------------------------------------------------------------------- backward
+#
+# Two kernels, as in the Triton backward (7 matmuls per visible tile pair; the atomic-dq form lost 3-4x there):
+#   dq    the forward's CTA shape and key list; per key block s = q k^T and dp = do v^T, ds = p (dp - delta),
+#         dq += ds k.
+#   dk/dv a CTA owns 128 keys of one KV head (64 per compute warpgroup, dk/dv accumulators in registers) and walks the
+#         query blocks that see them, for each of the `group` query heads in turn (GQA without repeating K/V); a
+#         memory warpgroup streams q, do, lse, delta. Transposed tiles (keys x queries): s^T = k q^T, dp^T = v do^T,
+#         dv += p^T do, dk += ds^T q. Sink key blocks are seen by every later query: their tail of query blocks is cut
+#         into chunks handled by extra CTAs writing partial sums to extra rows, added back by the wrapper (the Triton
+#         backward's scheme, with its helpers).
+
+KEYS_PER_CTA = ROWS_PER_CTA
+# Ping-pong in the backward kernels (MgpuBwdConfig.schedule_*), as swa_attention(backward="mosaic") sets it; module
+# switches so a benchmark can compare both without another keyword.
+BWD_SCHEDULE_DQ = False
+BWD_SCHEDULE_DKV = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBwdConfig:
+    window: int
+    sinks: int
+    scale: float
+    block_kv_dq: int = 64  # the dq kernel's key tile
+    stages_dq: int = 2
+    block_q_dkv: int = 64  # the dk/dv kernel's query tile
+    stages_dkv: int = 2
+    schedule_dq: bool = False  # ping-pong the compute warpgroups on the tensor cores (as the forward does)
+    schedule_dkv: bool = False
+    interpret: bool = False
+
+
+class _PingPong:
+    """The two compute warpgroups take turns on the tensor cores: each step hands over once its products are
+    issued (`turn`) and again once its elementwise work is done (`done_elementwise` ... `wait_turn`); warpgroup 1
+    starts half a step late (`begin`) and warpgroup 0 makes up the arrival at the end (`end`)."""
+
+    def __init__(self, barrier, wg, enabled: bool):
+        self.barrier, self.wg, self.enabled = barrier, wg, enabled
+
+    def turn(self):
+        if self.enabled:
+            _plgpu().barrier_arrive(self.barrier)
+            _plgpu().barrier_wait(self.barrier)
+
+    def done_elementwise(self):
+        if self.enabled:
+            _plgpu().barrier_arrive(self.barrier)
+
+    def wait_turn(self):
+        if self.enabled:
+            _plgpu().barrier_wait(self.barrier)
+
+    def begin(self):
+        if self.enabled:
+            _pl().when(self.wg == 1)(self.turn)
+
+    def end(self):
+        if self.enabled:
+            _pl().when(self.wg == 0)(self.turn)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch, *, cfg: MgpuBwdConfig, group):
+    plgpu, pl = _plgpu(), _pl()
+    (q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem), (q_ready, do_ready, lse_ready, delta_ready), \
+        (k_ready, v_ready), (k_free, v_free), sched = scratch
+    bk, stages = cfg.block_kv_dq, cfg.stages_dq
+    batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    cta_q0 = lax.axis_index("q_tiles") * ROWS_PER_CTA
+    plan = MgpuConfig(window=cfg.window, sinks=cfg.sinks, scale=cfg.scale, block_kv=bk)
+    n_sink, win_lo, win_hi = _step_plan(cta_q0, plan)
+    n_steps = n_sink + win_hi - win_lo
+    c = cfg.scale * _LOG2E
+    d = q_ref.shape[-1]
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        regs = _Regs(cfg.interpret)
+        q0 = cta_q0 + wg * ROWS_PER_WG
+        rows = (batch, pl.ds(q0, ROWS_PER_WG), head)
+        vec = (batch, head, pl.ds(q0, ROWS_PER_WG))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[wg], q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[wg], do_ready.at[wg])
+        plgpu.copy_gmem_to_smem(lse2_ref.at[vec], lse_smem.at[wg], lse_ready.at[wg])
+        plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[wg], delta_ready.at[wg])
+        for ready in (q_ready, do_ready, lse_ready, delta_ready):
+            plgpu.barrier_wait(ready.at[wg])
+        lse2 = regs.load_vector(lse_smem.at[wg], 0)
+        delta = regs.load_vector(delta_smem.at[wg], 0)
+        pp = _PingPong(sched, wg, cfg.schedule_dq)
+
+        def step(s, carry, masked):
+            dq, lse2, delta = carry  # carried, not closed over: Mosaic GPU infers no layout for loop constants
+            slot = lax.rem(s, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            scores, dp = _two_products_bt(q_smem.at[wg], k_smem.at[slot], do_smem.at[wg], v_smem.at[slot],
+                                          cfg.interpret, pp.turn)
+            plgpu.barrier_arrive(v_free.at[slot])
+            p = jnp.exp2(scores * c - regs.broadcast(lse2, scores.shape, 0))
+            if masked:
+                shape = (ROWS_PER_WG, bk)
+                t = q0 + regs.iota(shape, 0)
+                j = _key_block(s, n_sink, win_lo) * bk + regs.iota(shape, 1)
+                p = jnp.where(_visible(t, j, cfg.window, cfg.sinks), p, 0.0)
+            ds = (p * (dp - regs.broadcast(delta, dp.shape, 0))).astype(k_smem.dtype)
+            pp.done_elementwise()
+            pp.wait_turn()
+            dq = _accumulate(dq, ds, k_smem.at[slot], cfg.interpret)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq, lse2, delta
+
+        carry = (regs.zeros((ROWS_PER_WG, d)), lse2, delta)
+        pp.begin()
+        for lo, hi, masked in _query_side_ranges(q0, bk, n_sink, win_lo, win_hi, cfg.window):
+            carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), carry)
+        pp.end()
+        dq = carry[0]
+        q_smem.at[wg][...] = (dq * cfg.scale).astype(q_smem.dtype)  # q is no longer read: stage dq there
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, group)
+
+        def load(s, slot):
+            rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
+
+        _stream(load, n_steps, stages, (k_free, v_free))
+
+
+def _stream(load, n_steps, stages, free_barriers):
+    """The memory warpgroup's loop: fill the ring, refill each slot once both compute warpgroups released it, and
+    wait out the last releases (so every barrier phase is observed: the GPU interpreter checks it)."""
+    plgpu, pl = _plgpu(), _pl()
+    for s in range(stages):
+        pl.when(s < n_steps)(functools.partial(load, s, s))
+
+    @pl.loop(stages, jnp.maximum(n_steps, stages))
+    def _refill(s):
+        slot = lax.rem(s, stages)
+        for free in free_barriers:
+            plgpu.barrier_wait(free.at[slot])
+        load(s, slot)
+
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _drain(s):
+        slot = lax.rem(s, stages)
+        for free in free_barriers:
+            plgpu.barrier_wait(free.at[slot])
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, scratch, *,
+                 cfg: MgpuBwdConfig, group: int, tp: int, num_k_blocks: int, n_split: int, split_len: int):
+    from pallas_kernels import swa_attention as tri  # its block-range helpers (same definitions as the Triton path)
+
+    plgpu, pl = _plgpu(), _pl()
+    (k_smem, v_smem, out_smem, q_smem, do_smem, lse_smem, delta_smem), (k_ready, v_ready), \
+        (q_ready, do_ready, lse_ready, delta_ready), (q_free, do_free), sched = scratch
+    bq, stages = cfg.block_q_dkv, cfg.stages_dkv
+    num_q_blocks = tp // bq
+    batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
+    j = lax.axis_index("k_tiles")
+    # Which key block, and which query blocks [lo, hi) (per head) this CTA walks.
+    is_tail = j >= num_k_blocks
+    tail = jnp.maximum(j - num_k_blocks, 0)
+    kb = jnp.where(is_tail, lax.div(tail, max(n_split, 1)), j)
+    lo, hi = tri._query_range_of_key_block(kb, cfg, bq, KEYS_PER_CTA, num_q_blocks)
+    q_tail = tri._sink_tail_start(cfg, bq, KEYS_PER_CTA, num_q_blocks)
+    split_lo = q_tail + lax.rem(tail, max(n_split, 1)) * split_len
+    lo = jnp.where(is_tail, split_lo, lo)
+    hi = jnp.where(is_tail, jnp.minimum(split_lo + split_len, num_q_blocks), hi)
+    per_head = jnp.maximum(hi - lo, 0)
+    n_steps = group * per_head
+    c = cfg.scale * _LOG2E
+    d = k_ref.shape[-1]
+
+    def head_of(g):
+        return kv_head * group + g
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        regs = _Regs(cfg.interpret)
+        k0 = kb * KEYS_PER_CTA + wg * ROWS_PER_WG
+        keys = (batch, pl.ds(k0, ROWS_PER_WG), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[wg], k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[wg], v_ready.at[wg])
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+        pp = _PingPong(sched, wg, cfg.schedule_dkv)
+        # This warpgroup's fully visible query blocks: causal for its last key, inside the window of its first key
+        # for every query of the block (or all its keys are sinks).
+        full_lo = jnp.clip(_cdiv(k0 + ROWS_PER_WG - 1, bq), lo, hi)
+        window_full_hi = lax.div(k0 + cfg.window, bq)
+        full_hi = jnp.clip(jnp.where(k0 + ROWS_PER_WG <= cfg.sinks, num_q_blocks, window_full_hi), full_lo, hi)
+
+        def step(qb, carry, g, masked):
+            dk, dv = carry
+            s = g * per_head + qb - lo
+            slot = lax.rem(s, stages)
+            for ready in (q_ready, do_ready, lse_ready, delta_ready):
+                plgpu.barrier_wait(ready.at[slot])
+            scores_t, dp_t = _two_products_bt(k_smem.at[wg], q_smem.at[slot], v_smem.at[wg], do_smem.at[slot],
+                                              cfg.interpret, pp.turn)
+            lse2 = regs.load_vector(lse_smem.at[slot], 1)
+            delta = regs.load_vector(delta_smem.at[slot], 1)
+            p_t = jnp.exp2(scores_t * c - regs.broadcast(lse2, scores_t.shape, 1))
+            if masked:
+                shape = (ROWS_PER_WG, bq)
+                key = k0 + regs.iota(shape, 0)
+                t = qb * bq + regs.iota(shape, 1)
+                p_t = jnp.where(_visible(t, key, cfg.window, cfg.sinks), p_t, 0.0)
+            ds_t = (p_t * (dp_t - regs.broadcast(delta, dp_t.shape, 1))).astype(q_smem.dtype)
+            pp.done_elementwise()
+            pp.wait_turn()
+            dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], cfg.interpret)
+            plgpu.barrier_arrive(do_free.at[slot])
+            dk = _accumulate(dk, ds_t, q_smem.at[slot], cfg.interpret)
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk, dv
+
+        def head_steps(g, carry):
+            for a, b, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+                carry = lax.fori_loop(a, b, functools.partial(step, g=g, masked=masked), carry)
+            return carry
+
+        zeros = regs.zeros((ROWS_PER_WG, d))
+        pp.begin()
+        dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
+        pp.end()
+        out_rows = (batch, pl.ds(j * KEYS_PER_CTA + wg * ROWS_PER_WG, ROWS_PER_WG), kv_head)
+        for value, ref in ((dk * cfg.scale, dk_ref), (dv, dv_ref)):  # one float32 staging tile, used twice
+            out_smem.at[wg][...] = value
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], ref.at[out_rows])
+            plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(s, slot):
+            g = lax.div(s, jnp.maximum(per_head, 1))
+            qb = lo + s - g * per_head
+            h = head_of(g)
+            rows = (batch, pl.ds(qb * bq, bq), h)
+            vec = (batch, h, pl.ds(qb * bq, bq))
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(lse2_ref.at[vec], lse_smem.at[slot], lse_ready.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+            plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], delta_ready.at[slot])
+
+        _stream(load, n_steps, stages, (q_free, do_free))
+
+
+def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
+    """Padded tensors (lse [B, Hq, Tp] natural log, dlse its cotangent) -> (dq, dk, dv) in the input dtypes."""
+    from pallas_kernels import swa_attention as tri
+
+    plgpu, pl = _plgpu(), _pl()
+    b, tp, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    if tp % KEYS_PER_CTA or tp % cfg.block_kv_dq or tp % cfg.block_q_dkv:
+        raise ValueError(f"swa_attention_mgpu: padded length {tp} must be a multiple of {KEYS_PER_CTA} and the tiles")
+    why = supported(q, k, cfg.block_kv_dq) or supported(q, k, cfg.block_q_dkv)
+    if why:
+        raise ValueError(f"swa_attention_mgpu: unsupported {why}")
+    # delta_i = sum_d dO*O - dlse_i: the lse cotangent enters the softmax gradient as a per-row shift.
+    delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
+    lse2 = lse * _LOG2E
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    interpret = None
+    if cfg.interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on 0.10
+
+        interpret = InterpretGPUParams()
+    launch = dict(num_threads=COMPUTE_WGS + 1, thread_name="wg", interpret=interpret,
+                  compiler_params=plgpu.CompilerParams(approx_math=True))
+
+    def tiles(n, rows, dtype):
+        return plgpu.SMEM((n, rows, d), dtype, transforms=swizzled)
+
+    bk, sq = cfg.block_kv_dq, cfg.stages_dq
+    wgs = COMPUTE_WGS
+
+    def dq_entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: _dq_kernel(*refs, scratch, cfg=cfg, group=group),
+            (tiles(wgs, ROWS_PER_WG, q.dtype), tiles(wgs, ROWS_PER_WG, do.dtype),
+             plgpu.SMEM((wgs, ROWS_PER_WG), jnp.float32), plgpu.SMEM((wgs, ROWS_PER_WG), jnp.float32),
+             tiles(sq, bk, k.dtype), tiles(sq, bk, v.dtype)),
+            (plgpu.Barrier(num_barriers=wgs),) * 4,
+            (plgpu.Barrier(num_barriers=sq),) * 2,
+            (plgpu.Barrier(num_arrivals=wgs, num_barriers=sq),) * 2,
+            plgpu.Barrier(num_arrivals=wgs),
+            collective_axes="wg",
+        )
+
+    dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq, tp // ROWS_PER_CTA, b),
+                      grid_names=("heads", "q_tiles", "batch"), **launch)(q, k, v, do, lse2, delta)
+
+    bq, sk = cfg.block_q_dkv, cfg.stages_dkv
+    num_q_blocks, num_k_blocks = tp // bq, tp // KEYS_PER_CTA
+    nsb = tri._num_sink_blocks(cfg, KEYS_PER_CTA)
+    q_tail = tri._sink_tail_start(cfg, bq, KEYS_PER_CTA, num_q_blocks)
+    split_len = max(1, -(-(cfg.window + KEYS_PER_CTA) // bq))  # about one window's worth of query blocks per CTA
+    n_split = -(-(num_q_blocks - q_tail) // split_len) if nsb else 0
+    n_extra = nsb * n_split
+    rows = tp + n_extra * KEYS_PER_CTA
+
+    def dkdv_entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: _dkdv_kernel(*refs, scratch, cfg=cfg, group=group, tp=tp, num_k_blocks=num_k_blocks,
+                                          n_split=n_split, split_len=split_len),
+            (tiles(wgs, ROWS_PER_WG, k.dtype), tiles(wgs, ROWS_PER_WG, v.dtype),
+             plgpu.SMEM((wgs, ROWS_PER_WG, d), jnp.float32),
+             tiles(sk, bq, q.dtype), tiles(sk, bq, do.dtype),
+             plgpu.SMEM((sk, bq), jnp.float32), plgpu.SMEM((sk, bq), jnp.float32)),
+            (plgpu.Barrier(num_barriers=wgs),) * 2,
+            (plgpu.Barrier(num_barriers=sk),) * 4,
+            (plgpu.Barrier(num_arrivals=wgs, num_barriers=sk),) * 2,
+            plgpu.Barrier(num_arrivals=wgs),
+            collective_axes="wg",
+        )
+
+    out = jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)
+    dk_all, dv_all = plgpu.kernel(dkdv_entry, out_type=(out, out), grid=(hkv, num_k_blocks + n_extra, b),
+                                  grid_names=("kv_heads", "k_tiles", "batch"), **launch)(q, k, v, do, lse2, delta)
+
+    def fold(x_all):
+        x = x_all[:, :tp]
+        if n_extra:
+            extra = x_all[:, tp:].reshape(b, nsb, n_split, KEYS_PER_CTA, hkv, d).sum(axis=2)
+            x = x.at[:, : nsb * KEYS_PER_CTA].add(extra.reshape(b, nsb * KEYS_PER_CTA, hkv, d))
+        return x
+
+    return dq, fold(dk_all).astype(k.dtype), fold(dv_all).astype(v.dtype)

@@ -1,0 +1,150 @@
+"""The Mosaic GPU forward of sliding-window + sinks attention (pallas_kernels/swa_attention_mgpu.py).
+
+On CPU the kernel runs in jax's GPU interpreter: its warpgroups as threads, shared memory, TMA copies and barriers
+simulated (a barrier phase a thread never observes is an error there). The interpreter has no transposed
+shared-memory views, run_state or register layouts, so its two matrix products are plain dots (see the module): what
+these tests check is the block lists, the K/V ring and its barriers, the masks, the softmax and the lse, against the
+dense float32 reference of test_swa_attention. The wgmma form is checked by lowering for CUDA (below) and ran on an
+H100 (benchmarks/bench_swa_mgpu.py checks it there before timing). Interpreted kernels are slow (~3 s per CTA and
+head), so the shapes are small and most cases are in the slow suite.
+"""
+
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from pallas_kernels import swa_attention_mgpu as mgpu
+from pallas_kernels.swa_attention import swa_attention
+
+from test_swa_attention import _assert_close, _dense_reference, _inputs
+
+
+def _forward(q, k, v, window, sinks, **cfg):
+    tile = max(mgpu.ROWS_PER_CTA, cfg.get("block_kv", mgpu.DEFAULT_BLOCK_KV))
+    tp = -(-q.shape[1] // tile) * tile
+    pad = ((0, 0), (0, tp - q.shape[1]), (0, 0), (0, 0))
+    o, lse = mgpu.forward(*(jnp.pad(x, pad) for x in (q, k, v)),
+                          mgpu.MgpuConfig(window=window, sinks=sinks, scale=q.shape[-1] ** -0.5, interpret=True,
+                                          **cfg))
+    return o[:, : q.shape[1]], jnp.swapaxes(lse[:, :, : q.shape[1]], 1, 2)
+
+
+def _check_forward(seed, t, hq, hkv, window, sinks, **cfg):
+    q, k, v, _, _ = _inputs(seed, 1, t, hq, hkv, 64, jnp.bfloat16)
+    o, lse = jax.jit(lambda q, k, v: _forward(q, k, v, window, sinks, **cfg))(q, k, v)
+    o_ref, lse_ref = _dense_reference(q, k, v, window, sinks)
+    assert o.dtype == q.dtype and lse.dtype == jnp.float32
+    _assert_close("o", o, o_ref, 2e-2)  # bf16 output and bf16 probabilities into the second product
+    _assert_close("lse", lse, lse_ref, 1e-5)
+
+
+# Case list: window edge inside a warpgroup's rows, sinks overlapping the window, several sink blocks, window 1,
+# window beyond T, T not a multiple of 128, a 3-deep ring, and without the ping-pong schedule barrier.
+@pytest.mark.parametrize(
+    "t, hq, hkv, window, sinks, cfg",
+    [
+        (384, 2, 1, 100, 10, dict(block_kv=64)),
+        pytest.param(300, 2, 2, 129, 130, dict(block_kv=128), marks=pytest.mark.slow),
+        pytest.param(384, 1, 1, 1, 0, dict(block_kv=64, stages=3), marks=pytest.mark.slow),
+        pytest.param(256, 2, 1, 1000, 1, dict(block_kv=128, schedule_barrier=False), marks=pytest.mark.slow),
+        pytest.param(640, 1, 1, 64, 256, dict(block_kv=64), marks=pytest.mark.slow),
+    ],
+)
+def test_forward_matches_dense_reference(t, hq, hkv, window, sinks, cfg):
+    _check_forward(0, t, hq, hkv, window, sinks, **cfg)
+
+
+def _check_backward(seed, t, hq, hkv, window, sinks, **cfg):
+    """mgpu.backward's dq, dk, dv (with the lse cotangent) vs jax.vjp of the dense float32 reference."""
+    q, k, v, _, _ = _inputs(seed, 1, t, hq, hkv, 64, jnp.bfloat16)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), 2)
+    do = jax.random.normal(keys[0], q.shape, jnp.float32).astype(jnp.bfloat16)
+    dlse = jax.random.normal(keys[1], (1, t, hq), jnp.float32)
+    (o, lse), pull = jax.vjp(lambda q, k, v: _dense_reference(q, k, v, window, sinks), q, k, v)
+    want = pull((do.astype(jnp.float32), dlse))
+    tp = -(-t // mgpu.ROWS_PER_CTA) * mgpu.ROWS_PER_CTA
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    lse_h, dlse_h = (jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, tp - t))) for x in (lse, dlse))
+    bwd_cfg = mgpu.MgpuBwdConfig(window=window, sinks=sinks, scale=64 ** -0.5, interpret=True, **cfg)
+    got = jax.jit(lambda *a: mgpu.backward(*a, bwd_cfg))(pad(q), pad(k), pad(v), pad(o.astype(q.dtype)), lse_h,
+                                                        pad(do), dlse_h)
+    for name, g, w, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+        assert g.dtype == x.dtype
+        _assert_close(name, g[:, :t], w, 2e-2)
+
+
+# Sinks spanning two 128-key blocks with a long query tail (the split tail CTAs and their fold), partial sink
+# blocks, GQA 4, window 1 and beyond T, both dq key tiles, a 128-row dk/dv query tile, deeper rings.
+@pytest.mark.parametrize(
+    "t, hq, hkv, window, sinks, cfg",
+    [
+        (256, 2, 1, 100, 10, dict()),
+        pytest.param(640, 2, 1, 64, 256, dict(), marks=pytest.mark.slow),
+        pytest.param(512, 4, 1, 129, 130, dict(block_kv_dq=128, stages_dkv=3), marks=pytest.mark.slow),
+        pytest.param(384, 2, 2, 1, 0, dict(stages_dq=3), marks=pytest.mark.slow),
+        pytest.param(300, 2, 1, 1000, 1, dict(block_kv_dq=128, block_q_dkv=128), marks=pytest.mark.slow),
+    ],
+)
+def test_backward_matches_dense_reference(t, hq, hkv, window, sinks, cfg):
+    _check_backward(3, t, hq, hkv, window, sinks, **cfg)
+
+
+@pytest.mark.slow
+def test_mosaic_forward_in_swa_attention_has_the_triton_gradients():
+    """forward="mosaic" changes only the forward: o, lse and (through the Triton backward) the gradients equal the
+    Triton path's up to bf16 rounding of o."""
+    q, k, v, w_o, w_lse = _inputs(1, 1, 200, 2, 1, 64, jnp.bfloat16)
+
+    def loss_and_grads(forward):
+        def loss(q, k, v):
+            o, lse = swa_attention(q, k, v, window=50, sinks=5, return_lse=True, forward=forward, interpret=True)
+            return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(lse * w_lse), (o, lse)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (grads, (o, lse)), (grads_t, (o_t, lse_t)) = loss_and_grads("mosaic"), loss_and_grads("triton")
+    _assert_close("o", o, o_t, 1e-2)
+    _assert_close("lse", lse, lse_t, 1e-5)
+    for name, g, g_t in zip(("dq", "dk", "dv"), grads, grads_t):
+        _assert_close(name, g, g_t, 2e-2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dtype=jnp.float32), "bf16 / f16"),
+    (dict(d=32), "multiple of 64"),
+    (dict(block_k=32), "block_kv 32"),
+])
+def test_unsupported_operands_raise(kwargs, message):
+    d = kwargs.pop("d", 64)
+    dtype = kwargs.pop("dtype", jnp.bfloat16)
+    q, k, v, _, _ = _inputs(0, 1, 64, 2, 1, d, dtype)
+    with pytest.raises(ValueError, match=message):
+        swa_attention(q, k, v, window=8, forward="mosaic", interpret=True, **kwargs)
+    with pytest.raises(ValueError, match="forward must be"):
+        swa_attention(q, k, v, window=8, forward="cuda")
+
+
+@pytest.mark.parametrize("block_kv,stages", [(128, 2), (64, 4)])
+def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages):
+    """The wgmma form (transposed K view, preloaded accumulator, layouts) traces and lowers through Pallas's Mosaic
+    GPU path on this CPU-only machine; PTX compilation and speed need the GPU."""
+    s = jax.ShapeDtypeStruct
+    args = [s((1, 1024, 16, 128), jnp.bfloat16), s((1, 1024, 2, 128), jnp.bfloat16),
+            s((1, 1024, 2, 128), jnp.bfloat16)]
+    cfg = mgpu.MgpuConfig(window=300, sinks=128, scale=0.1, block_kv=block_kv, stages=stages)
+    text = export.export(jax.jit(lambda q, k, v: mgpu.forward(q, k, v, cfg)), platforms=("cuda",))(*args).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dkv=3)])
+def test_backward_lowers_to_mosaic_gpu_for_cuda(cfg):
+    """Both backward kernels lower for CUDA (layouts of the loaded lse/delta vectors, transposed views, shared
+    memory within the H100's 227 KB: the lowering checks it)."""
+    s = jax.ShapeDtypeStruct
+    t, bf = 2048, jnp.bfloat16
+    args = [s((1, t, 16, 128), bf), s((1, t, 2, 128), bf), s((1, t, 2, 128), bf), s((1, t, 16, 128), bf),
+            s((1, 16, t), jnp.float32), s((1, t, 16, 128), bf), s((1, 16, t), jnp.float32)]
+    bwd_cfg = mgpu.MgpuBwdConfig(window=300, sinks=128, scale=0.1, **cfg)
+    text = export.export(jax.jit(lambda *a: mgpu.backward(*a, bwd_cfg)), platforms=("cuda",))(*args).mlir_module()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
