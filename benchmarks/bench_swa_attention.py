@@ -33,8 +33,11 @@ from bench_util import time_jax
 from pallas_kernels.swa_attention import swa_attention
 
 START = time.time()
-VARIANTS = {"v2": {}, "atomic": dict(dq_mode="atomic"), "lazy": dict(lazy_rescale=True),
-            "atomic+lazy": dict(dq_mode="atomic", lazy_rescale=True)}
+# The Triton kernels' variants (forward/backward "auto" would pick the Mosaic kernels on a Hopper GPU:
+# bench_swa_mgpu.py times those).
+_TRITON = dict(forward="triton", backward="triton")
+VARIANTS = {"v2": _TRITON, "atomic": dict(_TRITON, dq_mode="atomic"), "lazy": dict(_TRITON, lazy_rescale=True),
+            "atomic+lazy": dict(_TRITON, dq_mode="atomic", lazy_rescale=True)}
 # Which forward code path a variant runs: variants sharing one are timed forward once.
 FWD_PATH = {"v2": "eager", "atomic": "eager", "lazy": "lazy", "atomic+lazy": "lazy"}
 
@@ -165,7 +168,7 @@ def check_agreement(shape, variants, full_args):
 def sweep(shape, args, budget_s):
     """Tile settings at the sweep window; returns {variant: best extra kwargs} and the raw results."""
     w, s = shape.sweep_window, shape.sinks
-    baseline = outputs_and_grads(ours(w, s), args)
+    baseline = outputs_and_grads(ours(w, s, **_TRITON), args)
     results, best = [], {}
     for variant, tiles in SWEEP:
         if time.time() - START > budget_s:
@@ -285,7 +288,7 @@ def main():
             if kwargs.get("lazy_rescale") and "lazy" in chosen:
                 kwargs.update(chosen["lazy"])
         if "v2" in chosen and "v2" in variants:
-            variants["v2+dq_tiles"] = dict(chosen["v2"])
+            variants["v2+dq_tiles"] = dict(_TRITON, **chosen["v2"])
             FWD_PATH["v2+dq_tiles"] = "eager"
     report["tiles"] = chosen
     report["timed_variants"] = variants

@@ -45,7 +45,7 @@ class Shape:
             self.ref_cases = ((64, 8), (20, 100), (1, 0))
             self.reps, self.warmup = 1, 1
             self.variants = [(128, 2, True)]
-            self.bwd_variants = {"mm_pp_both": dict(forward="mosaic", backward="mosaic", schedule=(True, True))}
+            self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True))}
         else:
             self.b, self.t, self.hq, self.hkv, self.d, self.t_ref = 1, 32768, 16, 2, 128, 2048
             self.sinks, self.windows, self.main_window = 128, (1024, 4096, 8192), 4096
@@ -54,13 +54,12 @@ class Shape:
             # (block_kv, ring depth, ping-pong); 128 x 4 stages would need 256 KB of K/V slots: over the 227 KB
             self.variants = [(128, 2, True)]  # the first run's best (RESULTS.md)
             mm = dict(forward="mosaic", backward="mosaic")
-            # second run: dq key tile 64 / 128 and rings 2 / 3 were within 4 % (RESULTS.md); now the ping-pong
+            # Earlier runs (RESULTS.md): dq key tile 64 / 128 and rings 2 / 3 within 4 %, ping-pong 2-5 % slower.
+            # switches = (ping-pong dq, ping-pong dk/dv, dv and dk accumulations issued together)
             self.bwd_variants = {
-                "mm": mm,
-                "mm_pp_dq": dict(mm, schedule=(True, False)),
-                "mm_pp_dkv": dict(mm, schedule=(False, True)),
-                "mm_pp_both": dict(mm, schedule=(True, True)),
-                "mm_pp_both_s3": dict(mm, schedule=(True, True), num_stages_dq=3, num_stages_bwd=3),
+                "mm_paired": dict(mm, switches=(False, False, True)),
+                "mm_unpaired": dict(mm, switches=(False, False, False)),
+                "mm_paired_s3": dict(mm, switches=(False, False, True), num_stages_dq=3, num_stages_bwd=3),
             }
 
 
@@ -91,7 +90,8 @@ def dense_with_lse(window, sinks):
 
 def triton_forward(window, sinks, interpret):
     def run(q, k, v):
-        o, lse = swa_attention(q, k, v, window=window, sinks=sinks, return_lse=True, interpret=interpret)
+        o, lse = swa_attention(q, k, v, window=window, sinks=sinks, return_lse=True, forward="triton",
+                               backward="triton", interpret=interpret)
         return o, jnp.swapaxes(lse, 1, 2)  # [B, Hq, T] like the Mosaic kernel's
     return jax.jit(run)
 
@@ -164,21 +164,23 @@ def main():
     from bench_swa_attention import errors, fmt, ok, outputs_and_grads
     from bench_swa_attention import ours as ours_plain
 
-    def ours(window, sinks, schedule=(False, False), **kwargs):
-        """swa_attention with the Mosaic backward's ping-pong switches (read when swa_attention builds its config)."""
+    def ours(window, sinks, switches=None, **kwargs):
+        """swa_attention with the Mosaic backward's module switches set (read when swa_attention builds its config)."""
         def attn(q, k, v):
-            saved = mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV
-            mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV = schedule
+            saved = mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV
+            if switches is not None:
+                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = switches
             try:
                 return ours_plain(window, sinks, **kwargs)(q, k, v)
             finally:
-                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV = saved
+                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = saved
         return attn
 
     grads_ok = {}
     small4 = inputs(shape, shape.t_ref, seed=1)
     full4 = inputs(shape, shape.t, seed=0)
-    tri_grads = outputs_and_grads(ours(shape.main_window, shape.sinks, interpret=interpret), full4)
+    triton = dict(forward="triton", backward="triton")
+    tri_grads = outputs_and_grads(ours(shape.main_window, shape.sinks, interpret=interpret, **triton), full4)
     for bname, kwargs in shape.bwd_variants.items():
         try:
             good_all = True
@@ -224,8 +226,8 @@ def main():
                    mosaic_forward(window, shape.sinks, *default_fwd, interpret))}
         if best_bwd:
             row["mosaic_fwdbwd"] = fb[best_bwd] if window == w else time_fb(window, shape.bwd_variants[best_bwd])
-        row["mosaic_fwd_triton_bwd"] = time_fb(window, dict(forward="mosaic"))
-        row["triton_fwdbwd"] = time_fb(window, {})
+        row["mosaic_fwd_triton_bwd"] = time_fb(window, dict(forward="mosaic", backward="triton"))
+        row["triton_fwdbwd"] = time_fb(window, triton)
         _, both = fwd_and_vjp(anchor(window, opts.smoke))
         row["cudnn_fwdbwd"] = time_jax(both, *full4, reps=shape.reps, warmup=shape.warmup)
         report["rows"][window] = row

@@ -63,7 +63,7 @@ class _Config:
     lazy_rescale: bool  # forward: rescale the accumulator only when a row max grows by more than _RESCALE_SLACK
     forward: str  # "triton": _fwd_kernel; "mosaic": swa_attention_mgpu (Hopper wgmma, warp-specialised)
     backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
-    mosaic_schedule: tuple  # (dq, dk/dv) ping-pong of the Mosaic backward kernels, read from swa_attention_mgpu
+    mosaic_switches: tuple  # (schedule_dq, schedule_dkv, paired_dkv) of the Mosaic backward, from its module
     interpret: bool
 
 
@@ -321,7 +321,8 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
         return mgpu.backward(q, k, v, o, lse, do, dlse, mgpu.MgpuBwdConfig(
             window=cfg.window, sinks=cfg.sinks, scale=cfg.scale, block_kv_dq=cfg.block_k_dq,
             stages_dq=cfg.num_stages_dq, block_q_dkv=cfg.block_q_bwd, stages_dkv=cfg.num_stages_bwd,
-            schedule_dq=cfg.mosaic_schedule[0], schedule_dkv=cfg.mosaic_schedule[1], interpret=cfg.interpret))
+            schedule_dq=cfg.mosaic_switches[0], schedule_dkv=cfg.mosaic_switches[1],
+            paired_dkv=cfg.mosaic_switches[2], interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
@@ -448,12 +449,30 @@ def _default_blocks(d):
     return 64, 32, 32, 32, 8, 8, 2, 2
 
 
-def _mosaic_schedule(backward):
-    if backward != "mosaic":
-        return (False, False)
+def _resolve_auto(forward, backward, q, k, interpret, dq_mode, lazy_rescale, block_k, block_q_bwd, block_k_dq):
+    """"auto" -> "mosaic" where the Mosaic kernels run and were measured faster (Hopper GPUs: benchmarks/RESULTS.md,
+    1.2-1.5x the Triton forward, 1.2-1.3x its forward+backward on an H100), else "triton"."""
+    if "auto" not in (forward, backward):
+        return forward, backward
     from pallas_kernels import swa_attention_mgpu as mgpu
 
-    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV)
+    hopper = not interpret and mgpu.hopper_gpu()
+    fwd_ok = hopper and not lazy_rescale and mgpu.supported(q, k, block_k or mgpu.DEFAULT_BLOCK_KV) is None
+    bwd_ok = hopper and dq_mode == "kernel" and mgpu.supported(q, k, block_q_bwd or 64) is None and \
+        mgpu.supported(q, k, block_k_dq or 64) is None
+    if forward == "auto":
+        forward = "mosaic" if fwd_ok else "triton"
+    if backward == "auto":
+        backward = "mosaic" if bwd_ok else "triton"
+    return forward, backward
+
+
+def _mosaic_switches(backward):
+    if backward != "mosaic":
+        return (False, False, False)
+    from pallas_kernels import swa_attention_mgpu as mgpu
+
+    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV)
 
 
 def _check_block(name, value):
@@ -466,8 +485,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   block_k_bwd: int | None = None, block_q_dq: int | None = None, block_k_dq: int | None = None,
                   num_warps: int | None = None, num_warps_bwd: int | None = None, num_warps_dq: int | None = None,
                   num_stages: int | None = None, num_stages_bwd: int | None = None, num_stages_dq: int | None = None,
-                  dq_mode: str = "kernel", lazy_rescale: bool = False, forward: str = "triton",
-                  backward: str = "triton", interpret: bool | None = None):
+                  dq_mode: str = "kernel", lazy_rescale: bool = False, forward: str = "auto",
+                  backward: str = "auto", interpret: bool | None = None):
     """Sliding-window + sink attention: query t sees keys j <= t with t - j < window or j < sinks.
 
     Args:
@@ -483,13 +502,16 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       dq_mode: "kernel" (dq in its own kernel, which recomputes q k^T and dO v^T: 7 backward matmuls) or "atomic"
         (the dk/dv kernel also forms ds k and adds it into a float32 dq buffer with atomic adds: 5 matmuls).
       lazy_rescale: forward only rescales its accumulator when a row max grows by more than 2**8 (exact result).
-      forward: "triton" (the Pallas Triton kernel) or "mosaic" (pallas_kernels.swa_attention_mgpu: Hopper wgmma with
+      forward: "auto" (default: "mosaic" on a Hopper GPU for the operands it supports and with dq_mode "kernel" and no
+        lazy_rescale, else "triton"), "triton" (the Pallas Triton kernel) or "mosaic"
+        (pallas_kernels.swa_attention_mgpu: Hopper wgmma with
         TMA and warp specialisation; bf16/f16, D a multiple of 64 up to 256; block_k is its key tile (64 or 128,
         default 128), num_stages its K/V ring depth (default 2), block_q and num_warps do not apply: 128 query rows
         per CTA).
-      backward: "triton" or "mosaic" (swa_attention_mgpu.backward: a dq kernel and a dk/dv kernel in the same style;
-        same constraints; block_k_dq is the dq kernel's key tile, block_q_bwd the dk/dv kernel's query tile, 64 or
-        128, default 64, num_stages_dq / num_stages_bwd their ring depths, default 2; dq_mode must be "kernel").
+      backward: "auto" (as forward), "triton" or "mosaic" (swa_attention_mgpu.backward: a dq kernel and a dk/dv
+        kernel in the same style; same constraints; block_k_dq is the dq kernel's key tile, block_q_bwd the dk/dv
+        kernel's query tile, 64 or 128, default 64, num_stages_dq / num_stages_bwd their ring depths, default 3;
+        dq_mode must be "kernel").
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
     Only D = 128 ran on a GPU (H100); other head sizes are tested in interpret mode, their GPU tiles untimed.
     Returns:
@@ -509,6 +531,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
         raise ValueError(f"swa_attention: sinks must be a static int >= 0, got {sinks!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    forward, backward = _resolve_auto(forward, backward, q, k, interpret, dq_mode, lazy_rescale, block_k,
+                                      block_q_bwd, block_k_dq)
     dq_, dk_, dqb, dkb, warps, warps_bwd, stages, stages_bwd = _default_blocks(d)
     if forward == "mosaic":
         from pallas_kernels import swa_attention_mgpu as mgpu
@@ -522,7 +546,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     if backward == "mosaic":
         from pallas_kernels import swa_attention_mgpu as mgpu
 
-        dqb, dkb, stages_bwd = mgpu.MgpuBwdConfig.block_q_dkv, mgpu.MgpuBwdConfig.block_kv_dq, 2
+        dqb, dkb = mgpu.MgpuBwdConfig.block_q_dkv, mgpu.MgpuBwdConfig.block_kv_dq
+        stages_bwd = mgpu.DEFAULT_STAGES_BWD
         why = mgpu.supported(q, k, block_q_bwd or dqb) or mgpu.supported(q, k, block_k_dq or dkb)
         if why:
             raise ValueError(f"swa_attention: backward='mosaic' does not support {why}")
@@ -556,7 +581,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
                   lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
-                  mosaic_schedule=_mosaic_schedule(backward), interpret=bool(interpret))
+                  mosaic_switches=_mosaic_switches(backward), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

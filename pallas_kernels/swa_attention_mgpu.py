@@ -1,9 +1,12 @@
-"""Sliding-window + sink attention forward as a Mosaic GPU kernel (Hopper: wgmma, TMA, warp specialisation).
+"""Sliding-window + sink attention as Mosaic GPU kernels (Hopper: wgmma, TMA, warp specialisation), forward and
+backward (`forward`, `backward`; wired in through pallas_kernels.swa_attention's forward= / backward= switches).
 
-Same function as pallas_kernels.swa_attention's forward (query t sees key j iff j <= t and (t - j < window or
-j < sinks)); it returns (o, lse) in the layout that module's backward reads, so the two can be combined: this
-forward, the Triton backward. Why a second kernel: the Triton lowering issues no warp-specialised wgmma pipeline
-and tops out near 400 TFLOP/s on the H100 (benchmarks/NOTES_swa.md); this design is the FlashAttention-3 one.
+Same function as pallas_kernels.swa_attention's Triton kernels (query t sees key j iff j <= t and (t - j < window or
+j < sinks)) with the same (o, lse) layout, so either forward combines with either backward. Why a second set: the
+Triton lowering issues no warp-specialised wgmma pipeline and tops out near 400 TFLOP/s on the H100
+(benchmarks/NOTES_swa.md); this is the FlashAttention-3 design, written for the window and the sinks.
+
+The forward (the backward's kernels are described above `MgpuBwdConfig`):
 
 One CTA owns 128 query rows of one query head and runs three warpgroups:
   - two compute warpgroups, 64 query rows each: S = Q K^T (wgmma, accumulators in registers), online softmax in
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ COMPUTE_WGS = 2
 ROWS_PER_CTA = ROWS_PER_WG * COMPUTE_WGS
 DEFAULT_BLOCK_KV = 128
 DEFAULT_STAGES = 2
+DEFAULT_STAGES_BWD = 3  # both backward kernels' rings: 3 beat 2 by ~3 % with the paired dk/dv accumulations
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -60,6 +63,12 @@ def supported(q, k, block_kv: int = 128) -> str | None:
     if block_kv % 64:
         return f"block_kv {block_kv} (a multiple of 64)"
     return None
+
+
+def hopper_gpu() -> bool:
+    """Is the default device a Hopper GPU (compute capability 9.x: wgmma)? The kernels use Hopper instructions."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def _plgpu():
@@ -138,6 +147,20 @@ def _accumulate(acc, a, b_ref, interpret: bool):
         plgpu.wgmma(acc_ref, a, b_ref)
 
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _accumulate_two(acc1, a1, b1, acc2, a2, b2, interpret: bool):
+    """(acc1 + a1 @ b1, acc2 + a2 @ b2): both wgmmas issued, then one wait."""
+    plgpu, pl = _plgpu(), _pl()
+    if interpret:
+        return (_accumulate(acc1, a1, b1, interpret=True), _accumulate(acc2, a2, b2, interpret=True))
+
+    def accumulate(refs):
+        r1, r2 = refs
+        plgpu.wgmma(r1, a1, b1)
+        plgpu.wgmma(r2, a2, b2)
+
+    return pl.run_state(accumulate)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
 
 def _two_products_bt(a1, b1, a2, b2, interpret: bool, while_running=lambda: None):
@@ -374,10 +397,11 @@ def forward(q, k, v, cfg: MgpuConfig):
 #         backward's scheme, with its helpers).
 
 KEYS_PER_CTA = ROWS_PER_CTA
-# Ping-pong in the backward kernels (MgpuBwdConfig.schedule_*), as swa_attention(backward="mosaic") sets it; module
-# switches so a benchmark can compare both without another keyword.
+# MgpuBwdConfig's schedule_dq / schedule_dkv / paired_dkv as swa_attention(backward="mosaic") sets them: module
+# switches, so a benchmark can compare variants without more keywords. Ping-pong measured slower on the H100.
 BWD_SCHEDULE_DQ = False
 BWD_SCHEDULE_DKV = False
+BWD_PAIRED_DKV = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,11 +410,12 @@ class MgpuBwdConfig:
     sinks: int
     scale: float
     block_kv_dq: int = 64  # the dq kernel's key tile
-    stages_dq: int = 2
+    stages_dq: int = DEFAULT_STAGES_BWD
     block_q_dkv: int = 64  # the dk/dv kernel's query tile
-    stages_dkv: int = 2
+    stages_dkv: int = DEFAULT_STAGES_BWD
     schedule_dq: bool = False  # ping-pong the compute warpgroups on the tensor cores (as the forward does)
     schedule_dkv: bool = False
+    paired_dkv: bool = True  # dk/dv kernel: issue the dv and dk accumulations together, one wait
     interpret: bool = False
 
 
@@ -584,9 +609,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
             ds_t = (p_t * (dp_t - regs.broadcast(delta, dp_t.shape, 1))).astype(q_smem.dtype)
             pp.done_elementwise()
             pp.wait_turn()
-            dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], cfg.interpret)
-            plgpu.barrier_arrive(do_free.at[slot])
-            dk = _accumulate(dk, ds_t, q_smem.at[slot], cfg.interpret)
+            if cfg.paired_dkv:
+                dv, dk = _accumulate_two(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], dk, ds_t,
+                                         q_smem.at[slot], cfg.interpret)
+                plgpu.barrier_arrive(do_free.at[slot])
+            else:
+                dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], cfg.interpret)
+                plgpu.barrier_arrive(do_free.at[slot])
+                dk = _accumulate(dk, ds_t, q_smem.at[slot], cfg.interpret)
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 

@@ -81,10 +81,11 @@ def _check_backward(seed, t, hq, hkv, window, sinks, **cfg):
     "t, hq, hkv, window, sinks, cfg",
     [
         (256, 2, 1, 100, 10, dict()),
-        pytest.param(640, 2, 1, 64, 256, dict(), marks=pytest.mark.slow),
-        pytest.param(512, 4, 1, 129, 130, dict(block_kv_dq=128, stages_dkv=3), marks=pytest.mark.slow),
-        pytest.param(384, 2, 2, 1, 0, dict(stages_dq=3), marks=pytest.mark.slow),
-        pytest.param(300, 2, 1, 1000, 1, dict(block_kv_dq=128, block_q_dkv=128), marks=pytest.mark.slow),
+        pytest.param(640, 2, 1, 64, 256, dict(schedule_dq=True, schedule_dkv=True), marks=pytest.mark.slow),
+        pytest.param(512, 4, 1, 129, 130, dict(block_kv_dq=128, stages_dq=2), marks=pytest.mark.slow),
+        pytest.param(384, 2, 2, 1, 0, dict(stages_dq=2, stages_dkv=2, paired_dkv=False), marks=pytest.mark.slow),
+        pytest.param(300, 2, 1, 1000, 1, dict(block_kv_dq=128, block_q_dkv=128, stages_dq=2, stages_dkv=2),
+                     marks=pytest.mark.slow),
     ],
 )
 def test_backward_matches_dense_reference(t, hq, hkv, window, sinks, cfg):
@@ -92,28 +93,49 @@ def test_backward_matches_dense_reference(t, hq, hkv, window, sinks, cfg):
 
 
 @pytest.mark.slow
-def test_mosaic_forward_in_swa_attention_has_the_triton_gradients():
-    """forward="mosaic" changes only the forward: o, lse and (through the Triton backward) the gradients equal the
-    Triton path's up to bf16 rounding of o."""
+@pytest.mark.parametrize("backward", ["triton", "mosaic"])
+def test_mosaic_kernels_in_swa_attention_match_the_triton_path(backward):
+    """swa_attention(forward="mosaic", backward=...) through its custom_vjp (padding, lse layout, the lse cotangent)
+    equals the all-Triton path up to bf16 rounding."""
     q, k, v, w_o, w_lse = _inputs(1, 1, 200, 2, 1, 64, jnp.bfloat16)
 
-    def loss_and_grads(forward):
+    def loss_and_grads(forward, backward):
         def loss(q, k, v):
-            o, lse = swa_attention(q, k, v, window=50, sinks=5, return_lse=True, forward=forward, interpret=True)
+            o, lse = swa_attention(q, k, v, window=50, sinks=5, return_lse=True, forward=forward, backward=backward,
+                                   interpret=True)
             return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(lse * w_lse), (o, lse)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
-    (grads, (o, lse)), (grads_t, (o_t, lse_t)) = loss_and_grads("mosaic"), loss_and_grads("triton")
+    (grads, (o, lse)), (grads_t, (o_t, lse_t)) = loss_and_grads("mosaic", backward), loss_and_grads("triton", "triton")
     _assert_close("o", o, o_t, 1e-2)
     _assert_close("lse", lse, lse_t, 1e-5)
     for name, g, g_t in zip(("dq", "dk", "dv"), grads, grads_t):
         _assert_close(name, g, g_t, 2e-2)
 
 
+def test_auto_picks_mosaic_only_on_hopper_for_supported_operands(monkeypatch):
+    from pallas_kernels import swa_attention as tri
+
+    bf, f32 = (_inputs(0, 1, 64, 2, 1, 64, dt)[:2] for dt in (jnp.bfloat16, jnp.float32))
+    resolve = tri._resolve_auto
+    common = dict(dq_mode="kernel", lazy_rescale=False, block_k=None, block_q_bwd=None, block_k_dq=None)
+    assert resolve("auto", "auto", *bf, interpret=True, **common) == ("triton", "triton")  # CPU: interpret mode
+    monkeypatch.setattr(mgpu, "hopper_gpu", lambda: True)
+    assert resolve("auto", "auto", *bf, interpret=False, **common) == ("mosaic", "mosaic")
+    assert resolve("auto", "auto", *f32, interpret=False, **common) == ("triton", "triton")  # bf16 / f16 only
+    assert resolve("auto", "auto", *bf, interpret=False, **dict(common, lazy_rescale=True)) == ("triton", "mosaic")
+    assert resolve("auto", "auto", *bf, interpret=False, **dict(common, dq_mode="atomic")) == ("mosaic", "triton")
+    assert resolve("triton", "auto", *bf, interpret=False, **common) == ("triton", "mosaic")
+    monkeypatch.setattr(mgpu, "hopper_gpu", lambda: False)
+    assert resolve("auto", "auto", *bf, interpret=False, **common) == ("triton", "triton")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dtype=jnp.float32), "bf16 / f16"),
     (dict(d=32), "multiple of 64"),
     (dict(block_k=32), "block_kv 32"),
+    (dict(backward="mosaic", dtype=jnp.float32), "bf16 / f16"),
+    (dict(backward="mosaic", dq_mode="atomic"), "dq_mode='kernel'"),
 ])
 def test_unsupported_operands_raise(kwargs, message):
     d = kwargs.pop("d", 64)
@@ -123,6 +145,8 @@ def test_unsupported_operands_raise(kwargs, message):
         swa_attention(q, k, v, window=8, forward="mosaic", interpret=True, **kwargs)
     with pytest.raises(ValueError, match="forward must be"):
         swa_attention(q, k, v, window=8, forward="cuda")
+    with pytest.raises(ValueError, match="backward must be"):
+        swa_attention(q, k, v, window=8, backward="cuda")
 
 
 @pytest.mark.parametrize("block_kv,stages", [(128, 2), (64, 4)])
@@ -137,7 +161,7 @@ def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages):
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dkv=3)])
+@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dq=2, stages_dkv=2)])
 def test_backward_lowers_to_mosaic_gpu_for_cuda(cfg):
     """Both backward kernels lower for CUDA (layouts of the loaded lse/delta vectors, transposed views, shared
     memory within the H100's 227 KB: the lowering checks it)."""
