@@ -127,14 +127,16 @@ def test_decode_step_updates_the_donated_cache_in_place(teacher):
         ring = cache.layers[0].ring_k.shape
         assert _big_copies(text, ring) == []
         assert "input_output_alias" in text.split("\n", 1)[0]
-    # The detector does find a copy when the step reads a buffer before writing it in place.
+    # The detector does find a copy when the step reads a buffer before writing it in place (on CPU: XLA's GPU
+    # compiler reads the slice inside the in-place update's fusion and needs no copy, H100 2026-11-22).
     def read_then_write(buf, x):
         old = buf[:, :, 0]
         return buf.at[:, :, 1].set(x), old
 
-    buf = jnp.zeros(ring)
-    text = jax.jit(read_then_write, donate_argnums=(0,)).lower(buf, buf[:, :, 0]).compile().as_text()
-    assert _big_copies(text, ring)
+    if jax.default_backend() == "cpu":
+        buf = jnp.zeros(ring)
+        text = jax.jit(read_then_write, donate_argnums=(0,)).lower(buf, buf[:, :, 0]).compile().as_text()
+        assert _big_copies(text, ring)
 
 
 def test_query_tiled_attention_equals_one_block(monkeypatch):
@@ -196,7 +198,8 @@ def test_greedy_device_loop_equals_stepwise_argmax():
     ids = random_ids(2, 9, seed=10)
     _, cache = dec.prefill(ids)
     token = ids[:, -1:]  # any token: the loop starts by feeding it
-    got, cache_loop = dec.greedy(token, cache, 6)
+    # greedy donates its cache (on a GPU the buffers are then gone): hand it a copy, keep `cache` for the steps.
+    got, cache_loop = dec.greedy(token, jax.tree.map(jnp.copy, cache), 6)
     want = []
     for _ in range(6):
         logits, cache = dec.step(token, cache)
