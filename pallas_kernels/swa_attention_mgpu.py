@@ -71,6 +71,14 @@ def hopper_gpu() -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on jax 0.10
+
+    return InterpretGPUParams()
+
+
 def _plgpu():
     from jax.experimental.pallas import mosaic_gpu as plgpu  # lazy: pulls the Mosaic GPU backend
 
@@ -305,31 +313,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, group)
-
-        def load(s, slot):
-            rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
-
-        for s in range(stages):  # fill the ring
-            pl.when(s < n_steps)(functools.partial(load, s, s))
-
-        @pl.loop(stages, jnp.maximum(n_steps, stages))
-        def _refill(s):
-            slot = lax.rem(s, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            load(s, slot)
-
-        # Wait out the last slots' releases too: the kernel then ends with every barrier phase observed (the GPU
-        # interpreter checks it; on the GPU this warpgroup is idle by then anyway).
-        @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-        def _drain(s):
-            slot = lax.rem(s, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        _stream_key_blocks(k_ref, v_ref, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), batch,
+                           lax.div(head, group), n_sink, win_lo, n_steps, bk, stages)
 
 
 def forward(q, k, v, cfg: MgpuConfig):
@@ -366,11 +351,7 @@ def forward(q, k, v, cfg: MgpuConfig):
             collective_axes="wg",
         )
 
-    interpret = None
-    if cfg.interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on 0.10
-
-        interpret = InterpretGPUParams()
+    interpret = _interpret_params(cfg.interpret)
     o, lse = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
@@ -513,15 +494,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, group)
+        _stream_key_blocks(k_ref, v_ref, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), batch,
+                           lax.div(head, group), n_sink, win_lo, n_steps, bk, stages)
 
-        def load(s, slot):
-            rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_ready.at[slot])
 
-        _stream(load, n_steps, stages, (k_free, v_free))
+def _stream_key_blocks(k_ref, v_ref, smem, ready, free, batch, kv_head, n_sink, win_lo, n_steps, bk, stages):
+    """Memory warpgroup of the forward and dq kernels: the CTA's key list's K/V blocks into the ring."""
+    plgpu, pl = _plgpu(), _pl()
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(s, slot):
+        rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
+        for ref, buf, barrier in zip((k_ref, v_ref), smem, ready):
+            plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], barrier.at[slot])
+
+    _stream(load, n_steps, stages, free)
 
 
 def _stream(load, n_steps, stages, free_barriers):
@@ -671,11 +658,7 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
     delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
     lse2 = lse * _LOG2E
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    interpret = None
-    if cfg.interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on 0.10
-
-        interpret = InterpretGPUParams()
+    interpret = _interpret_params(cfg.interpret)
     launch = dict(num_threads=COMPUTE_WGS + 1, thread_name="wg", interpret=interpret,
                   compiler_params=plgpu.CompilerParams(approx_math=True))
 
