@@ -54,13 +54,10 @@ class Shape:
             # (block_kv, ring depth, ping-pong); 128 x 4 stages would need 256 KB of K/V slots: over the 227 KB
             self.variants = [(128, 2, True)]  # the first run's best (RESULTS.md)
             mm = dict(forward="mosaic", backward="mosaic")
-            # Earlier runs (RESULTS.md): dq key tile 64 / 128 and rings 2 / 3 within 4 %, ping-pong 2-5 % slower.
-            # switches = (ping-pong dq, ping-pong dk/dv, dv and dk accumulations issued together)
-            self.bwd_variants = {
-                "mm_paired": dict(mm, switches=(False, False, True)),
-                "mm_unpaired": dict(mm, switches=(False, False, False)),
-                "mm_paired_s3": dict(mm, switches=(False, False, True), num_stages_dq=3, num_stages_bwd=3),
-            }
+            # Earlier runs (RESULTS.md): dq key tile 64 / 128 and rings 2 / 3 within 4 %, ping-pong 2-5 % slower,
+            # paired dv/dk accumulations and 3-slot rings faster (now the defaults). switches = (ping-pong dq,
+            # ping-pong dk/dv, paired accumulations); None keeps the module's defaults.
+            self.bwd_variants = {"mm_defaults": mm}
 
 
 def mosaic_forward(window, sinks, block_kv, stages, schedule, interpret):

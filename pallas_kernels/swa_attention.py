@@ -505,7 +505,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       forward: "auto" (default: "mosaic" on a Hopper GPU for the operands it supports and with dq_mode "kernel" and no
         lazy_rescale, else "triton"), "triton" (the Pallas Triton kernel) or "mosaic"
         (pallas_kernels.swa_attention_mgpu: Hopper wgmma with
-        TMA and warp specialisation; bf16/f16, D a multiple of 64 up to 256; block_k is its key tile (64 or 128,
+        TMA and warp specialisation; bf16/f16, D 64 or 128; block_k is its key tile (64 or 128,
         default 128), num_stages its K/V ring depth (default 2), block_q and num_warps do not apply: 128 query rows
         per CTA).
       backward: "auto" (as forward), "triton" or "mosaic" (swa_attention_mgpu.backward: a dq kernel and a dk/dv

@@ -19,8 +19,7 @@ The CTA's key blocks are one list: the sink blocks [0, n_sink), then the window 
 and unmasked ranges for its own 64 rows, so only edge blocks pay for the mask. A warpgroup's rows see up to
 block_kv keys it cannot use at the window's two ends (about 64 / W of extra work).
 
-Constraints (checked by the caller): bf16/f16, D a multiple of 64 and <= 256, padded length a multiple of 128 and
-of block_kv.
+Constraints (checked by the caller): bf16/f16, D 64 or 128, padded length a multiple of 128 and of block_kv.
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def supported(q, k, block_kv: int = 128) -> str | None:
     d = q.shape[-1]
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {q.dtype} (bf16 / f16 only)"
-    if d % 64 or d > 256:
-        return f"head_dim {d} (a multiple of 64, at most 256)"
+    if d not in (64, 128):  # 256 overflows shared memory with these tiles (lowering: 330 KB > 227 KB)
+        return f"head_dim {d} (64 or 128)"
     if block_kv % 64:
         return f"block_kv {block_kv} (a multiple of 64)"
     return None
@@ -72,11 +71,9 @@ def hopper_gpu() -> bool:
 
 
 def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias on jax 0.10
+    from pallas_kernels import compat
 
-    return InterpretGPUParams()
+    return compat.mosaic_gpu_interpret_params() if interpret else None
 
 
 def _plgpu():
@@ -220,11 +217,9 @@ class _Regs:
         """A [n] float32 vector from shared memory, laid out to run along dimension `vector_dim` of a wgmma tile."""
         if self.interpret:
             return ref[...]
-        layout = self.plgpu.Layout.WGMMA.reduce(1 - vector_dim)
-        try:  # jax 0.11: load(src, *, layout); jax 0.10: load(src, idx, *, layout). pallas_kernels imports only
-            return self.plgpu.load(ref, layout=layout)  # jax, so this shim cannot live in ahn_jax/compat.py.
-        except TypeError:
-            return self.plgpu.load(ref, (), layout=layout)
+        from pallas_kernels import compat
+
+        return compat.mosaic_gpu_load(ref, self.plgpu.Layout.WGMMA.reduce(1 - vector_dim))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuConfig, group: int):

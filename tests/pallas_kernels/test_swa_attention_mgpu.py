@@ -82,6 +82,7 @@ def _check_backward(seed, t, hq, hkv, window, sinks, **cfg):
     [
         (256, 2, 1, 100, 10, dict()),
         pytest.param(640, 2, 1, 64, 256, dict(schedule_dq=True, schedule_dkv=True), marks=pytest.mark.slow),
+        pytest.param(256, 8, 1, 100, 10, dict(), marks=pytest.mark.slow),  # GQA 8: eight heads per dk/dv CTA
         pytest.param(512, 4, 1, 129, 130, dict(block_kv_dq=128, stages_dq=2), marks=pytest.mark.slow),
         pytest.param(384, 2, 2, 1, 0, dict(stages_dq=2, stages_dkv=2, paired_dkv=False), marks=pytest.mark.slow),
         pytest.param(300, 2, 1, 1000, 1, dict(block_kv_dq=128, block_q_dkv=128, stages_dq=2, stages_dkv=2),
@@ -132,7 +133,8 @@ def test_auto_picks_mosaic_only_on_hopper_for_supported_operands(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dtype=jnp.float32), "bf16 / f16"),
-    (dict(d=32), "multiple of 64"),
+    (dict(d=32), "64 or 128"),
+    (dict(d=256), "64 or 128"),
     (dict(block_k=32), "block_kv 32"),
     (dict(backward="mosaic", dtype=jnp.float32), "bf16 / f16"),
     (dict(backward="mosaic", dq_mode="atomic"), "dq_mode='kernel'"),
@@ -175,7 +177,8 @@ def test_backward_lowers_to_mosaic_gpu_for_cuda(cfg):
 
 
 @pytest.mark.gpu
-def test_ops_attention_pallas_picks_the_mosaic_kernels_on_hopper():
+@pytest.mark.parametrize("d", [64, 128])
+def test_ops_attention_pallas_picks_the_mosaic_kernels_on_hopper(d):
     """On a Hopper GPU, ahn_jax.ops.attention(impl="pallas") runs the Mosaic kernels (forward and backward, by
     swa_attention's "auto") and matches the XLA implementation, forward and gradients; T not a multiple of 128."""
     from pallas_kernels import swa_attention as tri
@@ -184,7 +187,7 @@ def test_ops_attention_pallas_picks_the_mosaic_kernels_on_hopper():
 
     if not mgpu.hopper_gpu():
         pytest.skip("needs a Hopper GPU (compute capability 9.x)")
-    q, k, v, w_o, _ = _inputs(5, 2, 1000, 8, 2, 128, jnp.bfloat16)
+    q, k, v, w_o, _ = _inputs(5, 2, 1000, 8, 2, d, jnp.bfloat16)
     assert tri._resolve_auto("auto", "auto", q, k, False, "kernel", False, None, None, None) == ("mosaic", "mosaic")
     # (Window 1 without sinks is left out: one visible key makes dq and dk exactly zero, so only noise is compared.)
     for window, sinks in ((2, 0), (100, 4), (300, 130), (2000, 0)):
