@@ -112,6 +112,8 @@ def name(v):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the GPU interpreter")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="then time ours and cuDNN N more times per window, interleaved: spread and median ratio")
     opts = parser.parse_args()
     shape = Shape(opts.smoke)
     interpret = opts.smoke
@@ -128,7 +130,6 @@ def main():
 
     # (1) agreement
     small = inputs(shape, shape.t_ref, seed=1)[:3]
-    small_gqa = tuple(x for x in small)
     full = inputs(shape, shape.t, seed=0)[:3]
     passing = []
     tri_full = triton_forward(shape.main_window, shape.sinks, interpret)(*full)
@@ -136,7 +137,7 @@ def main():
         ok = True
         try:
             for window, sinks in shape.ref_cases:
-                e = errs(mosaic_forward(window, sinks, *v, interpret)(*small_gqa), dense_with_lse(window, sinks)(*small_gqa))
+                e = errs(mosaic_forward(window, sinks, *v, interpret)(*small), dense_with_lse(window, sinks)(*small))
                 report["agreement"][f"{name(v)}_w{window}_s{sinks}"] = e
                 ok &= good(e)
             e = errs(mosaic_forward(shape.main_window, shape.sinks, *v, interpret)(*full), tri_full)
@@ -233,8 +234,8 @@ def main():
 
     lines = [f"B{shape.b} T{shape.t} Hq{shape.hq} Hkv{shape.hkv} D{shape.d} bf16, {shape.sinks} sinks (cuDNN none); "
              f"{dev.device_kind}, jax {jax.__version__}", "",
-             f"forward at W={w} (ms): " + ", ".join(f"{k_} {t:.3f}" for k_, t in sorted(fwd.items(), key=lambda kv: kv[1])),
-             f"fwd+bwd at W={w} (ms): " + ", ".join(f"{k_} {t:.3f}" for k_, t in sorted(fb.items(), key=lambda kv: kv[1])),
+             f"forward at W={w} (ms): " + ranked(fwd),
+             f"fwd+bwd at W={w} (ms): " + ranked(fb),
              f"mosaic_fwdbwd below = {best_bwd}: {shape.bwd_variants.get(best_bwd)}", ""]
     cols = ["mosaic_fwd", "triton_fwd", "cudnn_fwd", "mosaic_fwdbwd", "mosaic_fwd_triton_bwd", "triton_fwdbwd",
             "cudnn_fwdbwd"]
@@ -248,9 +249,43 @@ def main():
             base = row["cudnn_fwd" if c_.endswith("_fwd") else "cudnn_fwdbwd"]
             cells.append(f"{row[c_]:.3f}" + ("" if c_.startswith("cudnn") else f" ({row[c_] / base:.2f}x)"))
         lines.append(f"| {window} | " + " | ".join(cells) + " |")
+    if opts.repeat > 1 and best_bwd:
+        lines += ["", repeat_ratios(opts.repeat, shape, report, full, full4, interpret, default_fwd,
+                                    shape.bwd_variants[best_bwd], ours)]
     text = "\n".join(lines)
     write(out, report, text)
     print("\n" + text)
+
+
+def repeat_ratios(n, shape, report, full, full4, interpret, default_fwd, bwd_kwargs, ours):
+    """Ours / cuDNN, forward and forward+backward, timed n times per window, interleaved (each rep visits every
+    window), with the compiled functions kept: the run-to-run spread of the ratios, and their medians."""
+    fns = {}
+    for window in shape.windows:
+        fns[window] = {
+            "mosaic_fwd": (mosaic_forward(window, shape.sinks, *default_fwd, interpret), full),
+            "cudnn_fwd": (jax.jit(anchor(window, interpret)), full),
+            "mosaic_fwdbwd": (fwd_and_vjp(ours(window, shape.sinks, interpret=interpret, **bwd_kwargs))[1], full4),
+            "cudnn_fwdbwd": (fwd_and_vjp(anchor(window, interpret))[1], full4),
+        }
+    ratios = {w: {"fwd": [], "fwdbwd": []} for w in shape.windows}
+    for rep in range(n):
+        for window, f in fns.items():
+            t = {k: time_jax(fn, *args, reps=shape.reps, warmup=shape.warmup) for k, (fn, args) in f.items()}
+            ratios[window]["fwd"].append(t["mosaic_fwd"] / t["cudnn_fwd"])
+            ratios[window]["fwdbwd"].append(t["mosaic_fwdbwd"] / t["cudnn_fwdbwd"])
+            log(f"repeat {rep}: W={window} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    report["repeat_ratios"] = ratios
+    rows = [f"ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
+            "| W | fwd | fwd+bwd |", "|---|---|---|"]
+    for window, r in ratios.items():
+        cells = [f"{min(x):.3f} / {float(np.median(x)):.3f} / {max(x):.3f}" for x in (r["fwd"], r["fwdbwd"])]
+        rows.append(f"| {window} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def ranked(times):
+    return ", ".join(f"{k} {t:.3f}" for k, t in sorted(times.items(), key=lambda kv: kv[1]))
 
 
 def write(out, report, text):

@@ -502,18 +502,17 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
       dq_mode: "kernel" (dq in its own kernel, which recomputes q k^T and dO v^T: 7 backward matmuls) or "atomic"
         (the dk/dv kernel also forms ds k and adds it into a float32 dq buffer with atomic adds: 5 matmuls).
       lazy_rescale: forward only rescales its accumulator when a row max grows by more than 2**8 (exact result).
-      forward: "auto" (default: "mosaic" on a Hopper GPU for the operands it supports and with dq_mode "kernel" and no
-        lazy_rescale, else "triton"), "triton" (the Pallas Triton kernel) or "mosaic"
-        (pallas_kernels.swa_attention_mgpu: Hopper wgmma with
-        TMA and warp specialisation; bf16/f16, D 64 or 128; block_k is its key tile (64 or 128,
-        default 128), num_stages its K/V ring depth (default 2), block_q and num_warps do not apply: 128 query rows
-        per CTA).
-      backward: "auto" (as forward), "triton" or "mosaic" (swa_attention_mgpu.backward: a dq kernel and a dk/dv
-        kernel in the same style; same constraints; block_k_dq is the dq kernel's key tile, block_q_bwd the dk/dv
-        kernel's query tile, 64 or 128, default 64, num_stages_dq / num_stages_bwd their ring depths, default 3;
-        dq_mode must be "kernel").
+      forward: "auto" (default: "mosaic" on a Hopper GPU for the operands it supports and without lazy_rescale,
+        else "triton"), "triton" (the Pallas Triton kernel) or "mosaic" (pallas_kernels.swa_attention_mgpu: Hopper
+        wgmma with TMA and warp specialisation; bf16/f16, D 64 or 128; block_k is its key tile (64 or 128, default
+        128), num_stages its K/V ring depth (default 2); block_q and num_warps do not apply: 128 query rows per CTA).
+      backward: "auto" (as forward, and only with dq_mode "kernel"), "triton" or "mosaic"
+        (swa_attention_mgpu.backward: a dq kernel and a dk/dv kernel in the same style; same constraints; block_k_dq
+        is the dq kernel's key tile, block_q_bwd the dk/dv kernel's query tile, 64 or 128, default 64;
+        num_stages_dq / num_stages_bwd their ring depths, default 3; dq_mode must be "kernel").
       interpret: run the Pallas kernels in interpret mode; None means "on CPU".
-    Only D = 128 ran on a GPU (H100); other head sizes are tested in interpret mode, their GPU tiles untimed.
+    Timed on a GPU (H100) at D = 128 only; the Mosaic kernels were also checked there at D = 64; other head sizes
+    are tested in interpret mode, their GPU tiles untimed.
     Returns:
       o [B, T, Hq, D] in q's dtype, or (o, lse) with return_lse.
     """
