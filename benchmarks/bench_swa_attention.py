@@ -96,17 +96,23 @@ def anchor(window, smoke):
                                                         implementation=impl)
 
 
+def dense_scores(q, k, v, window, sinks):
+    """Float32 scaled scores [B, Hq, T, T] with the sink + window mask applied (-inf), and v repeated to the q heads."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    t, group = q.shape[1], q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    pos_q, pos_k = np.arange(t)[:, None], np.arange(t)[None, :]
+    mask = (pos_k <= pos_q) & ((pos_q - pos_k < window) | (pos_k < sinks))
+    s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
+    return jnp.where(mask, s, -jnp.inf), v
+
+
 def dense_reference(window, sinks):
     def attn(q, k, v):
-        dtype = q.dtype  # computed in float32, returned in the input dtype so vjp takes the same cotangent
-        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-        t, group = q.shape[1], q.shape[2] // k.shape[2]
-        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-        pos_q, pos_k = np.arange(t)[:, None], np.arange(t)[None, :]
-        mask = (pos_k <= pos_q) & ((pos_q - pos_k < window) | (pos_k < sinks))
-        s = jnp.einsum("bthd,bshd->bhts", q, k, precision="highest") * q.shape[-1] ** -0.5
-        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        return jnp.einsum("bhts,bshd->bthd", p, v, precision="highest").astype(dtype)
+        s, v32 = dense_scores(q, k, v, window, sinks)
+        p = jax.nn.softmax(s, axis=-1)
+        # returned in the input dtype so vjp takes the same cotangent
+        return jnp.einsum("bhts,bshd->bthd", p, v32, precision="highest").astype(q.dtype)
     return attn
 
 

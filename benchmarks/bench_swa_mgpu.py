@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_swa_attention import anchor, dense_reference, fwd_and_vjp, inputs, rel_err
+from bench_swa_attention import anchor, dense_reference, dense_scores, fwd_and_vjp, inputs, rel_err
 from bench_util import time_jax
 from pallas_kernels import swa_attention_mgpu as mgpu
 from pallas_kernels.swa_attention import swa_attention
@@ -44,27 +44,30 @@ class Shape:
             self.sinks, self.windows, self.main_window = 8, (64, 128), 64
             self.ref_cases = ((64, 8), (20, 100), (1, 0))
             self.reps, self.warmup = 1, 1
-            self.variants = [(128, 2, True)]
-            self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True))}
+            self.variants = [(128, 2, True, 0), (128, 2, True, 2)]
+            self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True)),
+                                 "mm_persistent": dict(forward="mosaic", backward="mosaic", persistent=True)}
         else:
             self.b, self.t, self.hq, self.hkv, self.d, self.t_ref = 1, 32768, 16, 2, 128, 2048
             self.sinks, self.windows, self.main_window = 128, (1024, 4096, 8192), 4096
             self.ref_cases = ((1024, 128), (300, 1000), (64, 0), (4096, 0), (1, 0))
             self.reps, self.warmup = 20, 2
-            # (block_kv, ring depth, ping-pong); 128 x 4 stages would need 256 KB of K/V slots: over the 227 KB
-            self.variants = [(128, 2, True)]  # the first run's best (RESULTS.md)
+            # (block_kv, ring depth, ping-pong, persistent CTAs or 0); 128 x 4 stages would need 256 KB of K/V
+            # slots: over the 227 KB. (128, 2, ping-pong) was the first run's best (RESULTS.md).
+            self.variants = [(128, 2, True, 0), (128, 2, True, mgpu.sm_count())]
             mm = dict(forward="mosaic", backward="mosaic")
             # Earlier runs (RESULTS.md): dq key tile 64 / 128 and rings 2 / 3 within 4 %, ping-pong 2-5 % slower,
             # paired dv/dk accumulations and 3-slot rings faster (now the defaults). switches = (ping-pong dq,
             # ping-pong dk/dv, paired accumulations); None keeps the module's defaults.
+            # persistent forward: "auto" = for windows <= swa_attention_mgpu.PERSISTENT_MAX_WINDOW
             self.bwd_variants = {"mm_defaults": mm}
 
 
-def mosaic_forward(window, sinks, block_kv, stages, schedule, interpret):
+def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, interpret):
     def run(q, k, v):
         scale = q.shape[-1] ** -0.5
         cfg = mgpu.MgpuConfig(window=window, sinks=sinks, scale=scale, block_kv=block_kv, stages=stages,
-                              schedule_barrier=schedule, interpret=interpret)
+                              schedule_barrier=schedule, persistent_ctas=persistent_ctas, interpret=interpret)
         tp = -(-q.shape[1] // max(mgpu.ROWS_PER_CTA, block_kv)) * max(mgpu.ROWS_PER_CTA, block_kv)
         pad = ((0, 0), (0, tp - q.shape[1]), (0, 0), (0, 0))
         o, lse = mgpu.forward(*(jnp.pad(x, pad) for x in (q, k, v)), cfg)
@@ -74,13 +77,7 @@ def mosaic_forward(window, sinks, block_kv, stages, schedule, interpret):
 
 def dense_with_lse(window, sinks):
     def run(q, k, v):
-        q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-        t, group = q.shape[1], q.shape[2] // k.shape[2]
-        k32, v32 = jnp.repeat(k32, group, axis=2), jnp.repeat(v32, group, axis=2)
-        pos_q, pos_k = np.arange(t)[:, None], np.arange(t)[None, :]
-        mask = (pos_k <= pos_q) & ((pos_q - pos_k < window) | (pos_k < sinks))
-        s = jnp.einsum("bthd,bshd->bhts", q32, k32, precision="highest") * q.shape[-1] ** -0.5
-        s = jnp.where(mask, s, -jnp.inf)
+        s, _ = dense_scores(q, k, v, window, sinks)
         return dense_reference(window, sinks)(q, k, v), jax.nn.logsumexp(s, axis=-1)
     return jax.jit(run)
 
@@ -105,13 +102,15 @@ def good(e):
 
 
 def name(v):
-    bk, stages, schedule = v
-    return f"bk{bk}_s{stages}_{'pp' if schedule else 'nopp'}"
+    bk, stages, schedule, persistent = v
+    return f"bk{bk}_s{stages}_{'pp' if schedule else 'nopp'}" + (f"_persistent{persistent}" if persistent else "")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the GPU interpreter")
+    parser.add_argument("--forward-repeat", type=int, default=0,
+                        help="only the forward variants: agreement, then N interleaved timings per window vs cuDNN")
     parser.add_argument("--repeat", type=int, default=1,
                         help="then time ours and cuDNN N more times per window, interleaved: spread and median ratio")
     opts = parser.parse_args()
@@ -157,21 +156,29 @@ def main():
         write(out, report, None)
         raise SystemExit(1)
 
+    if opts.forward_repeat:  # forward variants only: interleaved repeated timings against cuDNN, then stop
+        text = forward_repeat(opts.forward_repeat, shape, passing, full, interpret, report)
+        write(out, report, text)
+        print("\n" + text)
+        return
+
     # (2) backward agreement: gradients of every backward variant vs dense float32 (small T) and vs the Triton
     # path at the full size
     from bench_swa_attention import errors, fmt, ok, outputs_and_grads
     from bench_swa_attention import ours as ours_plain
 
-    def ours(window, sinks, switches=None, **kwargs):
-        """swa_attention with the Mosaic backward's module switches set (read when swa_attention builds its config)."""
+    def ours(window, sinks, switches=None, persistent=None, **kwargs):
+        """swa_attention with the Mosaic kernels' module switches set (read when swa_attention builds its config)."""
         def attn(q, k, v):
-            saved = mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV
+            saved = mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT
             if switches is not None:
                 mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = switches
+            if persistent is not None:
+                mgpu.FORWARD_PERSISTENT = persistent
             try:
                 return ours_plain(window, sinks, **kwargs)(q, k, v)
             finally:
-                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = saved
+                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT = saved
         return attn
 
     grads_ok = {}
@@ -216,7 +223,7 @@ def main():
             fb[bname] = time_fb(w, kwargs)
             log(f"W={w} fwd+bwd {bname}: {fb[bname]:.3f} ms")
     best_bwd = min(fb, key=fb.get) if fb else None
-    default_fwd = (mgpu.DEFAULT_BLOCK_KV, mgpu.DEFAULT_STAGES, True)
+    default_fwd = min(passing, key=lambda v: fwd[name(v)])  # the table's "mosaic_fwd": the fastest variant
     for window in shape.windows:
         row = {"triton_fwd": time_fwd(triton_forward(window, shape.sinks, interpret)),
                "cudnn_fwd": time_fwd(jax.jit(anchor(window, opts.smoke))),
@@ -236,7 +243,8 @@ def main():
              f"{dev.device_kind}, jax {jax.__version__}", "",
              f"forward at W={w} (ms): " + ranked(fwd),
              f"fwd+bwd at W={w} (ms): " + ranked(fb),
-             f"mosaic_fwdbwd below = {best_bwd}: {shape.bwd_variants.get(best_bwd)}", ""]
+             f"mosaic_fwd below = {name(default_fwd)}; mosaic_fwdbwd below = {best_bwd}: "
+             f"{shape.bwd_variants.get(best_bwd)}", ""]
     cols = ["mosaic_fwd", "triton_fwd", "cudnn_fwd", "mosaic_fwdbwd", "mosaic_fwd_triton_bwd", "triton_fwdbwd",
             "cudnn_fwdbwd"]
     lines += ["| W | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -281,6 +289,28 @@ def repeat_ratios(n, shape, report, full, full4, interpret, default_fwd, bwd_kwa
     for window, r in ratios.items():
         cells = [f"{min(x):.3f} / {float(np.median(x)):.3f} / {max(x):.3f}" for x in (r["fwd"], r["fwdbwd"])]
         rows.append(f"| {window} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def forward_repeat(n, shape, passing, full, interpret, report):
+    """Every agreeing forward variant and cuDNN, per window, timed n times interleaved (50 calls per timing): the
+    ratio's min / median / max, for differences smaller than one pass's noise (e.g. the persistent grid)."""
+    fns = {w: {**{name(v): mosaic_forward(w, shape.sinks, *v, interpret) for v in passing},
+               "cudnn": jax.jit(anchor(w, interpret))} for w in shape.windows}
+    ratios = {w: {k: [] for k in f if k != "cudnn"} for w, f in fns.items()}
+    for rep in range(n):
+        for w, f in fns.items():
+            t = {k: time_jax(fn, *full, reps=max(shape.reps, 50), warmup=shape.warmup) for k, fn in f.items()}
+            for k in ratios[w]:
+                ratios[w][k].append(t[k] / t["cudnn"])
+            log(f"forward repeat {rep}: W={w} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    report["forward_repeat_ratios"] = ratios
+    names = [name(v) for v in passing]
+    rows = [f"forward, ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
+            "| W | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for w, r in ratios.items():
+        rows.append(f"| {w} | " + " | ".join(f"{min(r[k]):.3f} / {float(np.median(r[k])):.3f} / {max(r[k]):.3f}"
+                                              for k in names) + " |")
     return "\n".join(rows)
 
 

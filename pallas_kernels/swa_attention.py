@@ -64,6 +64,7 @@ class _Config:
     forward: str  # "triton": _fwd_kernel; "mosaic": swa_attention_mgpu (Hopper wgmma, warp-specialised)
     backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
     mosaic_switches: tuple  # (schedule_dq, schedule_dkv, paired_dkv) of the Mosaic backward, from its module
+    persistent_ctas: int  # Mosaic forward: CTAs of its persistent grid (0: one per tile), from its module switch
     interpret: bool
 
 
@@ -196,7 +197,7 @@ def _forward(q, k, v, cfg: _Config):
 
         return mgpu.forward(q, k, v, mgpu.MgpuConfig(window=cfg.window, sinks=cfg.sinks, scale=cfg.scale,
                                                     block_kv=cfg.block_k, stages=cfg.num_stages,
-                                                    interpret=cfg.interpret))
+                                                    persistent_ctas=cfg.persistent_ctas, interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     group = hq // k.shape[2]
@@ -467,6 +468,20 @@ def _resolve_auto(forward, backward, q, k, interpret, dq_mode, lazy_rescale, blo
     return forward, backward
 
 
+def _persistent_ctas(forward, window, interpret):
+    """CTAs of the Mosaic forward's persistent grid (0: one CTA per tile), per swa_attention_mgpu.FORWARD_PERSISTENT."""
+    if forward != "mosaic":
+        return 0
+    from pallas_kernels import swa_attention_mgpu as mgpu
+
+    persistent = mgpu.FORWARD_PERSISTENT
+    if persistent == "auto":
+        persistent = window <= mgpu.PERSISTENT_MAX_WINDOW
+    if not persistent:
+        return 0
+    return 2 if interpret else mgpu.sm_count()  # interpret mode: two CTAs share the tiles
+
+
 def _mosaic_switches(backward):
     if backward != "mosaic":
         return (False, False, False)
@@ -580,7 +595,8 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
                   lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
-                  mosaic_switches=_mosaic_switches(backward), interpret=bool(interpret))
+                  mosaic_switches=_mosaic_switches(backward),
+                  persistent_ctas=_persistent_ctas(forward, min(window, tp), interpret), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

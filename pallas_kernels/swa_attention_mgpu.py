@@ -37,6 +37,16 @@ ROWS_PER_CTA = ROWS_PER_WG * COMPUTE_WGS
 DEFAULT_BLOCK_KV = 128
 DEFAULT_STAGES = 2
 DEFAULT_STAGES_BWD = 3  # both backward kernels' rings: 3 beat 2 by ~3 % with the paired dk/dv accumulations
+# Module switches read when swa_attention builds its configuration (so a benchmark can compare variants without more
+# keywords). FORWARD_PERSISTENT: the forward on a persistent grid of one CTA per SM: True, False, or "auto" = for
+# windows up to PERSISTENT_MAX_WINDOW (H100, 7 interleaved timings, median vs cuDNN: W=1024 1.07x persistent vs
+# 1.17x not, W=4096 1.02x vs 1.02x, W=8192 0.97x vs 0.94x; 2048 lies between and was not measured).
+# MgpuBwdConfig's schedule_dq / schedule_dkv / paired_dkv: ping-pong measured 2-5 % slower, pairing 1.5 % faster.
+FORWARD_PERSISTENT = "auto"
+PERSISTENT_MAX_WINDOW = 2048
+BWD_SCHEDULE_DQ = False
+BWD_SCHEDULE_DKV = False
+BWD_PAIRED_DKV = True
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -49,6 +59,7 @@ class MgpuConfig:
     block_kv: int = DEFAULT_BLOCK_KV
     stages: int = DEFAULT_STAGES  # K/V ring depth
     schedule_barrier: bool = True  # ping-pong the two compute warpgroups on the tensor cores
+    persistent_ctas: int = 0  # > 0: at most this many CTAs, each walking several tiles (the SM count); 0: one per tile
     interpret: bool = False
 
 
@@ -68,6 +79,11 @@ def hopper_gpu() -> bool:
     """Is the default device a Hopper GPU (compute capability 9.x: wgmma)? The kernels use Hopper instructions."""
     device = jax.devices()[0]
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the default GPU (132 on an H100 SXM when the runtime does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def _interpret_params(interpret: bool):
@@ -222,19 +238,29 @@ class _Regs:
         return compat.mosaic_gpu_load(ref, self.plgpu.Layout.WGMMA.reduce(1 - vector_dim))
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuConfig, group: int):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuConfig, group: int, num_ctas: int):
+    """One CTA walks the tiles (query head, 128-row block, sequence) cta, cta + num_ctas, ...: with num_ctas = the
+    number of tiles that is one tile per CTA; with fewer (persistent), the K/V ring keeps streaming across a CTA's
+    tiles, so only the first tile waits for it to fill."""
     plgpu, pl = _plgpu(), _pl()
     (qo_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scratch
     bk, stages = cfg.block_kv, cfg.stages
-    batch = lax.axis_index("batch")
-    head = lax.axis_index("heads")
+    b, tp, hq, d = q_ref.shape
+    n_q_tiles = tp // ROWS_PER_CTA
+    cta = lax.axis_index("cta")
+    my_tiles = lax.div(b * hq * n_q_tiles - cta + num_ctas - 1, num_ctas)
     wg = lax.axis_index("wg")
-    cta_q0 = lax.axis_index("q_tiles") * ROWS_PER_CTA
-    n_sink, win_lo, win_hi = _step_plan(cta_q0, cfg)
-    n_steps = n_sink + win_hi - win_lo
     dtype = q_ref.dtype
-    d = q_ref.shape[-1]
     c = cfg.scale * _LOG2E  # scores in log2 units; exp2(s * c - m) is one FMA + exp2
+
+    def tile_plan(i):
+        """The i-th tile of this CTA: (head, sequence, first row, n_sink, win_lo, win_hi, steps); heads vary
+        fastest, so CTAs running together share their K/V windows in L2."""
+        tile = cta + i * num_ctas
+        head, rest = lax.rem(tile, hq), lax.div(tile, hq)
+        cta_q0 = lax.rem(rest, n_q_tiles) * ROWS_PER_CTA
+        n_sink, win_lo, win_hi = _step_plan(cta_q0, cfg)
+        return head, lax.div(rest, n_q_tiles), cta_q0, n_sink, win_lo, win_hi, n_sink + win_hi - win_lo
 
     def take_turn():  # ping-pong on the tensor cores
         if cfg.schedule_barrier:
@@ -245,71 +271,77 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_smem = qo_smem.at[wg]
-        q0 = cta_q0 + wg * ROWS_PER_WG
-        plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head], q_smem, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-
         regs = _Regs(cfg.interpret)  # loop carries in the layouts the wgmma results come in
-        m = regs.zeros((ROWS_PER_WG,), -jnp.inf)
-        l = regs.zeros((ROWS_PER_WG,))
-        acc = regs.zeros((ROWS_PER_WG, d))
-
         if cfg.schedule_barrier:
             pl.when(wg == 1)(take_turn)  # offsets the two warpgroups by one half-step
 
-        def step(s, carry, masked):
+        def one_tile(i, base):  # base: ring steps taken before this tile
+            head, batch, cta_q0, n_sink, win_lo, win_hi, n_steps = tile_plan(i)
+            q0 = cta_q0 + wg * ROWS_PER_WG
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head], q_smem, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
+            def step(s, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(base + s, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                scores = _scores(q_smem, k_smem.at[slot], take_turn, cfg.interpret)
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    shape = (ROWS_PER_WG, bk)
+                    t = q0 + regs.iota(shape, 0)
+                    j = _key_block(s, n_sink, win_lo) * bk + regs.iota(shape, 1)
+                    scores = jnp.where(_visible(t, j, cfg.window, cfg.sinks), scores, -jnp.inf)
+                m_new = jnp.maximum(m, scores.max(axis=1) * c)
+                if masked:  # a row that has seen nothing yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+                    m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                else:
+                    m_new_safe = m_new
+                alpha = jnp.exp2(m - m_new_safe)
+                p = jnp.exp2(scores * c - lax.broadcast_in_dim(m_new_safe, scores.shape, [0]))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l = l * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                if cfg.schedule_barrier:
+                    plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if cfg.schedule_barrier:
+                    plgpu.barrier_wait(sched)
+
+                acc = _accumulate(acc, p16, v_smem.at[slot], cfg.interpret)
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l
+
+            carry = (regs.zeros((ROWS_PER_WG, d)), regs.zeros((ROWS_PER_WG,), -jnp.inf), regs.zeros((ROWS_PER_WG,)))
+            for lo, hi, masked in _query_side_ranges(q0, bk, n_sink, win_lo, win_hi, cfg.window):
+                carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), carry)
             acc, m, l = carry
-            slot = lax.rem(s, stages)
-            plgpu.barrier_wait(k_ready.at[slot])
+            # Every row sees at least its own key, so l > 0 (padded rows too: they see themselves).
+            acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            q_smem[...] = acc.astype(dtype)
+            lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q0, ROWS_PER_WG)])
+            plgpu.wait_smem_to_gmem(0)  # the next tile's q lands in the same buffer
+            return base + n_steps
 
-            scores = _scores(q_smem, k_smem.at[slot], take_turn, cfg.interpret)
-            plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
-                shape = (ROWS_PER_WG, bk)
-                t = q0 + regs.iota(shape, 0)
-                j = _key_block(s, n_sink, win_lo) * bk + regs.iota(shape, 1)
-                scores = jnp.where(_visible(t, j, cfg.window, cfg.sinks), scores, -jnp.inf)
-            m_new = jnp.maximum(m, scores.max(axis=1) * c)
-            if masked:  # a row that has seen nothing yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-                m_new_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            else:
-                m_new_safe = m_new
-            alpha = jnp.exp2(m - m_new_safe)
-            p = jnp.exp2(scores * c - lax.broadcast_in_dim(m_new_safe, scores.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-            if cfg.schedule_barrier:
-                plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(v_ready.at[slot])
-            if cfg.schedule_barrier:
-                plgpu.barrier_wait(sched)
-
-            acc = _accumulate(acc, p16, v_smem.at[slot], cfg.interpret)
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        carry = (acc, m, l)
-        for lo, hi, masked in _query_side_ranges(q0, bk, n_sink, win_lo, win_hi, cfg.window):
-            carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), carry)
-        acc, m, l = carry
+        lax.fori_loop(0, my_tiles, one_tile, jnp.int32(0))
         if cfg.schedule_barrier:
             pl.when(wg == 0)(take_turn)  # the arrival warpgroup 1 made before its loop
 
-        # Every row sees at least its own key, so l > 0 (padded rows too: they see themselves).
-        acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-        q_smem[...] = acc.astype(dtype)
-        lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q0, ROWS_PER_WG)])
-        plgpu.wait_smem_to_gmem(0)
-
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        _stream_key_blocks(k_ref, v_ref, (k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), batch,
-                           lax.div(head, group), n_sink, win_lo, n_steps, bk, stages)
+        plgpu.set_max_registers(40, action="decrease")
+
+        def tile_steps(i):
+            head, batch, _, n_sink, win_lo, _, n_steps = tile_plan(i)
+            return n_steps, functools.partial(_load_key_block, k_ref, v_ref, (k_smem, v_smem), (k_ready, v_ready),
+                                              batch, lax.div(head, group), n_sink, win_lo, bk)
+
+        _stream(my_tiles, tile_steps, stages, (k_free, v_free))
 
 
 def forward(q, k, v, cfg: MgpuConfig):
@@ -329,7 +361,7 @@ def forward(q, k, v, cfg: MgpuConfig):
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
         pl.run_scoped(
             lambda *scratch: _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, cfg=cfg,
-                                             group=hq // hkv),
+                                             group=hq // hkv, num_ctas=num_ctas),
             (
                 plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), q.dtype, transforms=swizzled),
                 plgpu.SMEM((stages, bk, d), k.dtype, transforms=swizzled),
@@ -347,11 +379,13 @@ def forward(q, k, v, cfg: MgpuConfig):
         )
 
     interpret = _interpret_params(cfg.interpret)
+    num_tiles = hq * (tp // ROWS_PER_CTA) * b
+    num_ctas = min(num_tiles, cfg.persistent_ctas) if cfg.persistent_ctas else num_tiles
     o, lse = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)),
-        grid=(hq, tp // ROWS_PER_CTA, b),
-        grid_names=("heads", "q_tiles", "batch"),
+        grid=(num_ctas,),
+        grid_names=("cta",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -373,11 +407,6 @@ def forward(q, k, v, cfg: MgpuConfig):
 #         backward's scheme, with its helpers).
 
 KEYS_PER_CTA = ROWS_PER_CTA
-# MgpuBwdConfig's schedule_dq / schedule_dkv / paired_dkv as swa_attention(backward="mosaic") sets them: module
-# switches, so a benchmark can compare variants without more keywords. Ping-pong measured slower on the H100.
-BWD_SCHEDULE_DQ = False
-BWD_SCHEDULE_DKV = False
-BWD_PAIRED_DKV = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,37 +523,46 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch
 
 
 def _stream_key_blocks(k_ref, v_ref, smem, ready, free, batch, kv_head, n_sink, win_lo, n_steps, bk, stages):
-    """Memory warpgroup of the forward and dq kernels: the CTA's key list's K/V blocks into the ring."""
+    """Memory warpgroup of the dq kernel: its CTA's key list's K/V blocks into the ring."""
+    _plgpu().set_max_registers(40, action="decrease")
+    load = functools.partial(_load_key_block, k_ref, v_ref, smem, ready, batch, kv_head, n_sink, win_lo, bk)
+    _stream(1, lambda _: (n_steps, load), stages, free)
+
+
+def _load_key_block(k_ref, v_ref, smem, ready, batch, kv_head, n_sink, win_lo, bk, s, slot):
+    """TMA the K and V blocks of key-list step s into ring slot `slot`."""
     plgpu, pl = _plgpu(), _pl()
-    plgpu.set_max_registers(40, action="decrease")
-
-    def load(s, slot):
-        rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
-        for ref, buf, barrier in zip((k_ref, v_ref), smem, ready):
-            plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], barrier.at[slot])
-
-    _stream(load, n_steps, stages, free)
+    rows = (batch, pl.ds(_key_block(s, n_sink, win_lo) * bk, bk), kv_head)
+    for ref, buf, barrier in zip((k_ref, v_ref), smem, ready):
+        plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], barrier.at[slot])
 
 
-def _stream(load, n_steps, stages, free_barriers):
-    """The memory warpgroup's loop: fill the ring, refill each slot once both compute warpgroups released it, and
-    wait out the last releases (so every barrier phase is observed: the GPU interpreter checks it)."""
+def _stream(n_tiles, tile_steps, stages, free_barriers):
+    """The memory warpgroup's loop over its CTA's tiles: tile_steps(i) -> (steps, load(s, slot)). Ring step g (counted
+    across tiles) goes to slot g % stages once both compute warpgroups released that slot's previous use; at the end
+    it waits out the last releases (so every barrier phase is observed: the GPU interpreter checks it)."""
     plgpu, pl = _plgpu(), _pl()
-    for s in range(stages):
-        pl.when(s < n_steps)(functools.partial(load, s, s))
 
-    @pl.loop(stages, jnp.maximum(n_steps, stages))
-    def _refill(s):
-        slot = lax.rem(s, stages)
+    def wait_free(g):
         for free in free_barriers:
-            plgpu.barrier_wait(free.at[slot])
-        load(s, slot)
+            plgpu.barrier_wait(free.at[lax.rem(g, stages)])
 
-    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-    def _drain(s):
-        slot = lax.rem(s, stages)
-        for free in free_barriers:
-            plgpu.barrier_wait(free.at[slot])
+    def one_tile(i, base):
+        n_steps, load = tile_steps(i)
+
+        @pl.loop(0, n_steps)
+        def _step(s):
+            g = base + s
+            pl.when(g >= stages)(lambda: wait_free(g))
+            load(s, lax.rem(g, stages))
+
+        return base + n_steps
+
+    total = lax.fori_loop(0, n_tiles, one_tile, jnp.int32(0))
+
+    @pl.loop(jnp.maximum(total - stages, 0), total)
+    def _drain(g):
+        wait_free(g)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, scratch, *,
@@ -633,7 +671,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
             plgpu.copy_gmem_to_smem(delta_ref.at[vec], delta_smem.at[slot], delta_ready.at[slot])
 
-        _stream(load, n_steps, stages, (q_free, do_free))
+        _stream(1, lambda _: (n_steps, load), stages, (q_free, do_free))
 
 
 def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):

@@ -41,11 +41,13 @@ def _check_forward(seed, t, hq, hkv, window, sinks, **cfg):
 
 
 # Case list: window edge inside a warpgroup's rows, sinks overlapping the window, several sink blocks, window 1,
-# window beyond T, T not a multiple of 128, a 3-deep ring, and without the ping-pong schedule barrier.
+# window beyond T, T not a multiple of 128, a 3-deep ring, without the ping-pong schedule barrier, persistent grids.
 @pytest.mark.parametrize(
     "t, hq, hkv, window, sinks, cfg",
     [
         (384, 2, 1, 100, 10, dict(block_kv=64)),
+        (256, 2, 1, 70, 3, dict(persistent_ctas=3)),  # persistent grid: 4 tiles over 3 CTAs, the ring across tiles
+        pytest.param(640, 2, 1, 300, 130, dict(block_kv=64, stages=3, persistent_ctas=4), marks=pytest.mark.slow),
         pytest.param(300, 2, 2, 129, 130, dict(block_kv=128), marks=pytest.mark.slow),
         pytest.param(384, 1, 1, 1, 0, dict(block_kv=64, stages=3), marks=pytest.mark.slow),
         pytest.param(256, 2, 1, 1000, 1, dict(block_kv=128, schedule_barrier=False), marks=pytest.mark.slow),
