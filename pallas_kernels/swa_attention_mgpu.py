@@ -8,7 +8,8 @@ Triton lowering issues no warp-specialised wgmma pipeline and tops out near 400 
 
 The forward (the backward's kernels are described above `MgpuBwdConfig`):
 
-One CTA owns 128 query rows of one query head and runs three warpgroups:
+A tile is 128 query rows of one query head; a CTA handles one tile, or on a persistent grid (MgpuConfig.
+persistent_ctas, FORWARD_PERSISTENT) every num_ctas-th tile with its K/V ring streaming across them. Three warpgroups:
   - two compute warpgroups, 64 query rows each: S = Q K^T (wgmma, accumulators in registers), online softmax in
     log2 units, O += P V (wgmma with P from registers). They take turns on the tensor cores through a shared
     "schedule" barrier so one warpgroup's softmax overlaps the other's matmuls;
