@@ -109,12 +109,15 @@ def name(v):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the GPU interpreter")
+    parser.add_argument("--windows", default="", help="comma-separated windows to time instead of the defaults")
     parser.add_argument("--forward-repeat", type=int, default=0,
                         help="only the forward variants: agreement, then N interleaved timings per window vs cuDNN")
     parser.add_argument("--repeat", type=int, default=1,
                         help="then time ours and cuDNN N more times per window, interleaved: spread and median ratio")
     opts = parser.parse_args()
     shape = Shape(opts.smoke)
+    if opts.windows:
+        shape.windows = tuple(int(w) for w in opts.windows.split(","))
     interpret = opts.smoke
     dev = jax.devices()[0]
     out = os.environ.get("OUT", "/tmp" if opts.smoke else ".")

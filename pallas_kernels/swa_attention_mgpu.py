@@ -40,8 +40,8 @@ DEFAULT_STAGES = 2
 DEFAULT_STAGES_BWD = 3  # both backward kernels' rings: 3 beat 2 by ~3 % with the paired dk/dv accumulations
 # Module switches read when swa_attention builds its configuration (so a benchmark can compare variants without more
 # keywords). FORWARD_PERSISTENT: the forward on a persistent grid of one CTA per SM: True, False, or "auto" = for
-# windows up to PERSISTENT_MAX_WINDOW (H100, 7 interleaved timings, median vs cuDNN: W=1024 1.07x persistent vs
-# 1.17x not, W=4096 1.02x vs 1.02x, W=8192 0.97x vs 0.94x; 2048 lies between and was not measured).
+# windows up to PERSISTENT_MAX_WINDOW (H100, 7 interleaved timings, median vs cuDNN: W=1024 1.07-1.08x persistent vs
+# 1.12-1.17x not, W=2048 1.05x vs 1.04x, W=4096 1.02x vs 1.02x, W=8192 0.97x vs 0.94x).
 # MgpuBwdConfig's schedule_dq / schedule_dkv / paired_dkv: ping-pong measured 2-5 % slower, pairing 1.5 % faster.
 FORWARD_PERSISTENT = "auto"
 PERSISTENT_MAX_WINDOW = 2048
