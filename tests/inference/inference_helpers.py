@@ -48,3 +48,20 @@ def memory_effect(model, ids):
     graphdef, state = nnx.split(model)
     f = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, use_memory=False))
     return float(jnp.abs(parallel_logits(model, ids) - f(state, ids)).max())
+
+
+def greedy_with_switch_off_and_on(monkeypatch, dec, ids, chunk, switch, kernel_module, kernel_name, steps=4):
+    """Decoder.greedy's tokens with the decode module's `switch` False and True, and whether `kernel_name` of
+    `kernel_module` was traced (greedy compiles its own loop: a switch must reach it too)."""
+    from ahn_jax.inference import decode
+
+    calls = []
+    kernel = getattr(kernel_module, kernel_name)
+    monkeypatch.setattr(kernel_module, kernel_name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(decode, switch, on)
+        last, cache = dec.prefill(ids, chunk=chunk)
+        first = jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]
+        out[on], _ = dec.greedy(first, cache, steps)
+    return out, bool(calls)

@@ -10,7 +10,7 @@ import pytest
 import pallas_kernels.decode_attention as decode_attention
 from ahn_jax.inference import decode
 from ahn_jax.inference.decode import Decoder, block_attention
-from inference_helpers import make, parallel_logits, random_ids
+from inference_helpers import greedy_with_switch_off_and_on, make, parallel_logits, random_ids
 
 B, HQ, D = 3, 8, 16
 
@@ -87,18 +87,9 @@ def test_prefill_then_kernel_decode_equals_parallel_forward(monkeypatch):
 def test_greedy_loop_gets_the_switch_and_the_same_tokens(monkeypatch):
     model = make("gated_deltanet", 15, 16)
     ids = random_ids(2, 24, seed=5)
-    dec = Decoder(model)
-    calls = []
-    kernel = decode_attention.decode_attention_partials
-    monkeypatch.setattr(decode_attention, "decode_attention_partials",
-                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    out = {}
-    for on in (False, True):
-        monkeypatch.setattr(decode, "DECODE_ATTENTION_KERNEL", on)
-        last, cache = dec.prefill(ids, chunk=8)
-        first = jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]
-        out[on], _ = dec.greedy(first, cache, 4)
-    assert calls, "the greedy loop never traced the kernel"
+    out, traced = greedy_with_switch_off_and_on(monkeypatch, Decoder(model), ids, 8, "DECODE_ATTENTION_KERNEL",
+                                                decode_attention, "decode_attention_partials")
+    assert traced, "the greedy loop never traced the kernel"
     np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
 
 

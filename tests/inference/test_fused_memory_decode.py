@@ -15,7 +15,7 @@ from ahn_jax.models.memory.base import MemoryParam
 from ahn_jax.models.memory.deltanet import DeltaNetMemory
 from ahn_jax.models.memory.gated_deltanet import GatedDeltaNetMemory
 from ahn_jax.ops.window import first_memory_query
-from inference_helpers import make, parallel_logits, random_ids
+from inference_helpers import greedy_with_switch_off_and_on, make, parallel_logits, random_ids
 
 HIDDEN, HQ, HKV, RING, WINDOW, SINKS = 64, 4, 2, 9, 8, 2  # GQA group 2; R = W + 1 as the cache makes it
 
@@ -162,17 +162,9 @@ def test_fused_greedy_loop_matches_the_xla_greedy_loop(monkeypatch):
     """Decoder.greedy compiles its own loop: the switch must reach it too (and give the same tokens)."""
     model = make("gated_deltanet", 5, 3)
     ids = random_ids(2, 9, seed=2)
-    dec = Decoder(model)
-    calls = []
-    kernel = memory_decode.fused_delta_decode
-    monkeypatch.setattr(memory_decode, "fused_delta_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    out = {}
-    for fused in (False, True):
-        monkeypatch.setattr(decode, "FUSED_MEMORY_DECODE", fused)
-        last, cache = dec.prefill(ids, chunk=4)
-        first = jnp.argmax(last, axis=-1).astype(jnp.int32)[:, None]
-        out[fused], _ = dec.greedy(first, cache, 4)
-    assert calls, "the greedy loop never traced the fused kernel"
+    out, traced = greedy_with_switch_off_and_on(monkeypatch, Decoder(model), ids, 4, "FUSED_MEMORY_DECODE",
+                                                memory_decode, "fused_delta_decode")
+    assert traced, "the greedy loop never traced the fused kernel"
     np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
 
 
