@@ -139,72 +139,40 @@ def _visible(t, j, window, sinks):
 
 
 # The GPU interpreter of jax 0.10 (used by the CPU tests) has no transposed shared-memory views, no run_state and no
-# register layouts, so there the two products are plain float32-accumulating dots on the loaded tiles: the tests
+# register layouts, so there the products are plain float32-accumulating dots on the loaded tiles: the tests
 # exercise everything else (the K/V pipeline and its barriers, the block lists, masks and the softmax).
 
-def _scores(q_smem, k_slot, take_turn, interpret: bool):
-    """q @ k^T [64, block_kv] float32; the warpgroup yields the tensor cores while the wgmma runs."""
-    plgpu, pl = _plgpu(), _pl()
-    if interpret:
-        out = lax.dot_general(q_smem[...], k_slot[...], (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-        take_turn()
-        return out
-
-    def product(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_slot, (1, 0)))
-        take_turn()
-        return acc_ref[...]
-
-    return pl.run_scoped(product, plgpu.ACC((q_smem.shape[0], k_slot.shape[0]), jnp.float32))
-
-
-def _accumulate(acc, a, b_ref, interpret: bool):
-    """acc + a @ b (a in registers, b [K, N] in shared memory), the accumulator preloaded into the wgmma."""
-    plgpu, pl = _plgpu(), _pl()
-    if interpret:
-        return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
-
-    def accumulate(acc_ref):
-        plgpu.wgmma(acc_ref, a, b_ref)
-
-    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-
-def _accumulate_two(acc1, a1, b1, acc2, a2, b2, interpret: bool):
-    """(acc1 + a1 @ b1, acc2 + a2 @ b2): both wgmmas issued, then one wait."""
-    plgpu, pl = _plgpu(), _pl()
-    if interpret:
-        return (_accumulate(acc1, a1, b1, interpret=True), _accumulate(acc2, a2, b2, interpret=True))
-
-    def accumulate(refs):
-        r1, r2 = refs
-        plgpu.wgmma(r1, a1, b1)
-        plgpu.wgmma(r2, a2, b2)
-
-    return pl.run_state(accumulate)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
-
-
-def _two_products_bt(a1, b1, a2, b2, interpret: bool, while_running=lambda: None):
-    """(a1 @ b1^T, a2 @ b2^T) float32, operands in shared memory; both wgmmas are issued before either is awaited,
-    and `while_running` runs between (the ping-pong hand-over)."""
+def _products_bt(pairs, interpret: bool, while_running=lambda: None):
+    """a @ b^T (float32) for each (a, b) of `pairs`, operands in shared memory: every wgmma is issued before any is
+    awaited, and `while_running` runs in between (the ping-pong hand-over)."""
     plgpu, pl = _plgpu(), _pl()
     if interpret:
         nt = (((1,), (1,)), ((), ()))
-        out = tuple(lax.dot_general(a[...], b[...], nt, preferred_element_type=jnp.float32)
-                    for a, b in ((a1, b1), (a2, b2)))
+        out = tuple(lax.dot_general(a[...], b[...], nt, preferred_element_type=jnp.float32) for a, b in pairs)
         while_running()
         return out
 
     def products(refs):
-        r1, r2 = refs
-        plgpu.wgmma(r1, a1, plgpu.transpose_ref(b1, (1, 0)))
-        plgpu.wgmma(r2, a2, plgpu.transpose_ref(b2, (1, 0)))
+        for ref, (a, b) in zip(refs, pairs):
+            plgpu.wgmma(ref, a, plgpu.transpose_ref(b, (1, 0)))
         while_running()
-        return r1[...], r2[...]
+        return tuple(ref[...] for ref in refs)
 
-    shape = (a1.shape[0], b1.shape[0])
-    return pl.run_scoped(products, (plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32)))
+    return pl.run_scoped(products, tuple(plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32) for a, b in pairs))
+
+
+def _accumulate(terms, interpret: bool):
+    """acc + a @ b for each (acc, a, b) of `terms` (a in registers, b [K, N] in shared memory), the accumulators
+    preloaded into the wgmmas (pl.run_state); all issued, then one wait."""
+    plgpu, pl = _plgpu(), _pl()
+    if interpret:
+        return tuple(acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32) for acc, a, b in terms)
+
+    def accumulate(refs):
+        for ref, (_, a, b) in zip(refs, terms):
+            plgpu.wgmma(ref, a, b)
+
+    return pl.run_state(accumulate)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms))
 
 
 class _Regs:
@@ -225,10 +193,6 @@ class _Regs:
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return self.plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=self.plgpu.Layout.WGMMA)
-
-    def broadcast(self, vec, shape, dim):
-        """vec [n] along dimension `dim` of a [.., ..] tile (the other dimension repeated)."""
-        return lax.broadcast_in_dim(vec, shape, [dim])
 
     def load_vector(self, ref, vector_dim):
         """A [n] float32 vector from shared memory, laid out to run along dimension `vector_dim` of a wgmma tile."""
@@ -287,7 +251,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
                 slot = lax.rem(base + s, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                scores = _scores(q_smem, k_smem.at[slot], take_turn, cfg.interpret)
+                scores, = _products_bt([(q_smem, k_smem.at[slot])], cfg.interpret, take_turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     shape = (ROWS_PER_WG, bk)
@@ -311,7 +275,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
                 if cfg.schedule_barrier:
                     plgpu.barrier_wait(sched)
 
-                acc = _accumulate(acc, p16, v_smem.at[slot], cfg.interpret)
+                acc, = _accumulate([(acc, p16, v_smem.at[slot])], cfg.interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l
 
@@ -490,19 +454,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch
             slot = lax.rem(s, stages)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
-            scores, dp = _two_products_bt(q_smem.at[wg], k_smem.at[slot], do_smem.at[wg], v_smem.at[slot],
-                                          cfg.interpret, pp.turn)
+            scores, dp = _products_bt([(q_smem.at[wg], k_smem.at[slot]), (do_smem.at[wg], v_smem.at[slot])],
+                                      cfg.interpret, pp.turn)
             plgpu.barrier_arrive(v_free.at[slot])
-            p = jnp.exp2(scores * c - regs.broadcast(lse2, scores.shape, 0))
+            p = jnp.exp2(scores * c - lax.broadcast_in_dim(lse2, scores.shape, [0]))
             if masked:
                 shape = (ROWS_PER_WG, bk)
                 t = q0 + regs.iota(shape, 0)
                 j = _key_block(s, n_sink, win_lo) * bk + regs.iota(shape, 1)
                 p = jnp.where(_visible(t, j, cfg.window, cfg.sinks), p, 0.0)
-            ds = (p * (dp - regs.broadcast(delta, dp.shape, 0))).astype(k_smem.dtype)
+            ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(k_smem.dtype)
             pp.done_elementwise()
             pp.wait_turn()
-            dq = _accumulate(dq, ds, k_smem.at[slot], cfg.interpret)
+            dq, = _accumulate([(dq, ds, k_smem.at[slot])], cfg.interpret)
             plgpu.barrier_arrive(k_free.at[slot])
             return dq, lse2, delta
 
@@ -617,27 +581,27 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
             slot = lax.rem(s, stages)
             for ready in (q_ready, do_ready, lse_ready, delta_ready):
                 plgpu.barrier_wait(ready.at[slot])
-            scores_t, dp_t = _two_products_bt(k_smem.at[wg], q_smem.at[slot], v_smem.at[wg], do_smem.at[slot],
-                                              cfg.interpret, pp.turn)
+            scores_t, dp_t = _products_bt([(k_smem.at[wg], q_smem.at[slot]), (v_smem.at[wg], do_smem.at[slot])],
+                                          cfg.interpret, pp.turn)
             lse2 = regs.load_vector(lse_smem.at[slot], 1)
             delta = regs.load_vector(delta_smem.at[slot], 1)
-            p_t = jnp.exp2(scores_t * c - regs.broadcast(lse2, scores_t.shape, 1))
+            p_t = jnp.exp2(scores_t * c - lax.broadcast_in_dim(lse2, scores_t.shape, [1]))
             if masked:
                 shape = (ROWS_PER_WG, bq)
                 key = k0 + regs.iota(shape, 0)
                 t = qb * bq + regs.iota(shape, 1)
                 p_t = jnp.where(_visible(t, key, cfg.window, cfg.sinks), p_t, 0.0)
-            ds_t = (p_t * (dp_t - regs.broadcast(delta, dp_t.shape, 1))).astype(q_smem.dtype)
+            ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(q_smem.dtype)
             pp.done_elementwise()
             pp.wait_turn()
             if cfg.paired_dkv:
-                dv, dk = _accumulate_two(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], dk, ds_t,
-                                         q_smem.at[slot], cfg.interpret)
+                dv, dk = _accumulate([(dv, p_t.astype(do_smem.dtype), do_smem.at[slot]),
+                                      (dk, ds_t, q_smem.at[slot])], cfg.interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
             else:
-                dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], cfg.interpret)
+                dv, = _accumulate([(dv, p_t.astype(do_smem.dtype), do_smem.at[slot])], cfg.interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
-                dk = _accumulate(dk, ds_t, q_smem.at[slot], cfg.interpret)
+                dk, = _accumulate([(dk, ds_t, q_smem.at[slot])], cfg.interpret)
             plgpu.barrier_arrive(q_free.at[slot])
             return dk, dv
 
