@@ -203,6 +203,36 @@ class _Regs:
         return compat.mosaic_gpu_load(ref, self.plgpu.Layout.WGMMA.reduce(1 - vector_dim))
 
 
+class _PingPong:
+    """The two compute warpgroups take turns on the tensor cores: each step hands over once its products are
+    issued (`turn`) and again once its elementwise work is done (`done_elementwise` ... `wait_turn`); warpgroup 1
+    starts half a step late (`begin`) and warpgroup 0 makes up the arrival at the end (`end`)."""
+
+    def __init__(self, barrier, wg, enabled: bool):
+        self.barrier, self.wg, self.enabled = barrier, wg, enabled
+
+    def turn(self):
+        if self.enabled:
+            _plgpu().barrier_arrive(self.barrier)
+            _plgpu().barrier_wait(self.barrier)
+
+    def done_elementwise(self):
+        if self.enabled:
+            _plgpu().barrier_arrive(self.barrier)
+
+    def wait_turn(self):
+        if self.enabled:
+            _plgpu().barrier_wait(self.barrier)
+
+    def begin(self):
+        if self.enabled:
+            _pl().when(self.wg == 1)(self.turn)
+
+    def end(self):
+        if self.enabled:
+            _pl().when(self.wg == 0)(self.turn)
+
+
 def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuConfig, group: int, num_ctas: int):
     """One CTA walks the tiles (query head, 128-row block, sequence) cta, cta + num_ctas, ...: with num_ctas = the
     number of tiles that is one tile per CTA; with fewer (persistent), the K/V ring keeps streaming across a CTA's
@@ -227,18 +257,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
         n_sink, win_lo, win_hi = _step_plan(cta_q0, cfg)
         return head, lax.div(rest, n_q_tiles), cta_q0, n_sink, win_lo, win_hi, n_sink + win_hi - win_lo
 
-    def take_turn():  # ping-pong on the tensor cores
-        if cfg.schedule_barrier:
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_smem = qo_smem.at[wg]
         regs = _Regs(cfg.interpret)  # loop carries in the layouts the wgmma results come in
-        if cfg.schedule_barrier:
-            pl.when(wg == 1)(take_turn)  # offsets the two warpgroups by one half-step
+        pp = _PingPong(sched, wg, cfg.schedule_barrier)
+        pp.begin()
 
         def one_tile(i, base):  # base: ring steps taken before this tile
             head, batch, cta_q0, n_sink, win_lo, win_hi, n_steps = tile_plan(i)
@@ -251,7 +276,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
                 slot = lax.rem(base + s, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                scores, = _products_bt([(q_smem, k_smem.at[slot])], cfg.interpret, take_turn)
+                scores, = _products_bt([(q_smem, k_smem.at[slot])], cfg.interpret, pp.turn)
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     shape = (ROWS_PER_WG, bk)
@@ -269,11 +294,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
                 l = l * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-                if cfg.schedule_barrier:
-                    plgpu.barrier_arrive(sched)
+                pp.done_elementwise()
                 plgpu.barrier_wait(v_ready.at[slot])
-                if cfg.schedule_barrier:
-                    plgpu.barrier_wait(sched)
+                pp.wait_turn()
 
                 acc, = _accumulate([(acc, p16, v_smem.at[slot])], cfg.interpret)
                 plgpu.barrier_arrive(v_free.at[slot])
@@ -294,8 +317,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
             return base + n_steps
 
         lax.fori_loop(0, my_tiles, one_tile, jnp.int32(0))
-        if cfg.schedule_barrier:
-            pl.when(wg == 0)(take_turn)  # the arrival warpgroup 1 made before its loop
+        pp.end()
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
@@ -387,36 +409,6 @@ class MgpuBwdConfig:
     schedule_dkv: bool = False
     paired_dkv: bool = True  # dk/dv kernel: issue the dv and dk accumulations together, one wait
     interpret: bool = False
-
-
-class _PingPong:
-    """The two compute warpgroups take turns on the tensor cores: each step hands over once its products are
-    issued (`turn`) and again once its elementwise work is done (`done_elementwise` ... `wait_turn`); warpgroup 1
-    starts half a step late (`begin`) and warpgroup 0 makes up the arrival at the end (`end`)."""
-
-    def __init__(self, barrier, wg, enabled: bool):
-        self.barrier, self.wg, self.enabled = barrier, wg, enabled
-
-    def turn(self):
-        if self.enabled:
-            _plgpu().barrier_arrive(self.barrier)
-            _plgpu().barrier_wait(self.barrier)
-
-    def done_elementwise(self):
-        if self.enabled:
-            _plgpu().barrier_arrive(self.barrier)
-
-    def wait_turn(self):
-        if self.enabled:
-            _plgpu().barrier_wait(self.barrier)
-
-    def begin(self):
-        if self.enabled:
-            _pl().when(self.wg == 1)(self.turn)
-
-    def end(self):
-        if self.enabled:
-            _pl().when(self.wg == 0)(self.turn)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch, *, cfg: MgpuBwdConfig, group):
