@@ -1,5 +1,5 @@
 """Benchmark: the Mosaic GPU sliding-window + sinks forward (pallas_kernels/swa_attention_mgpu.py) vs the Triton
-forward and cuDNN, then forward+backward (Mosaic or Triton forward, Triton backward) vs cuDNN.
+forward and cuDNN, then forward+backward (Mosaic or Triton forward and backward) vs cuDNN.
 
   PYTHONPATH=$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_swa_mgpu.py            # H100 (Hopper only)
   PYTHONPATH=$PWD python3 benchmarks/bench_swa_mgpu.py --smoke                       # CPU: GPU interpreter, tiny
@@ -8,7 +8,7 @@ Order: (1) agreement before any timing: every Mosaic variant's o and lse vs a de
 (several window/sink cases, GQA 8) and vs the Triton forward at the full size; a variant that fails is not timed;
 (2) forward at T=32768 Hq16 Hkv2 D128 bf16, 128 sinks, W=4096: every variant (key tile x ring depth x ping-pong
 schedule), then the two best and the default at W=1024 and 8192; the Triton forward and cuDNN (no sinks) beside;
-(3) forward+backward with jax.vjp (Triton backward) for the default Mosaic forward vs the Triton forward vs cuDNN.
+(3) forward+backward with jax.vjp: the backward variants (module switches), the Triton path, cuDNN.
 JSON to $OUT/bench_swa_mgpu.json, table to stdout and $OUT/bench_swa_mgpu.md.
 """
 
@@ -46,7 +46,8 @@ class Shape:
             self.reps, self.warmup = 1, 1
             self.variants = [(128, 2, True, 0), (128, 2, True, 2)]
             self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True)),
-                                 "mm_persistent": dict(forward="mosaic", backward="mosaic", persistent=True)}
+                                 "mm_persistent": dict(forward="mosaic", backward="mosaic", persistent=True),
+                                 "mm_fused_dq": dict(forward="mosaic", backward="mosaic", fused=True)}
         else:
             self.b, self.t, self.hq, self.hkv, self.d, self.t_ref = 1, 32768, 16, 2, 128, 2048
             self.sinks, self.windows, self.main_window = 128, (1024, 4096, 8192), 4096
@@ -60,7 +61,10 @@ class Shape:
             # paired dv/dk accumulations and 3-slot rings faster (now the defaults). switches = (ping-pong dq,
             # ping-pong dk/dv, paired accumulations); None keeps the module's defaults.
             # persistent forward: "auto" = for windows <= swa_attention_mgpu.PERSISTENT_MAX_WINDOW
-            self.bwd_variants = {"mm_defaults": mm}
+            # fused: dq accumulated by the dk/dv kernel (TMA reduce-adds) vs its own kernel (BWD_FUSED_DQ)
+            # registers: the dk/dv kernel's compute warpgroups' (BWD_DKV_REGISTERS). Run 4 of the fifth round timed
+            # fused / dq kernel x 232 / 240 registers; the defaults are the dq kernel and 240.
+            self.bwd_variants = {"mm_defaults": mm, "mm_fused_dq": dict(mm, fused=True)}
 
 
 def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, interpret):
@@ -170,18 +174,24 @@ def main():
     from bench_swa_attention import errors, fmt, ok, outputs_and_grads
     from bench_swa_attention import ours as ours_plain
 
-    def ours(window, sinks, switches=None, persistent=None, **kwargs):
+    def ours(window, sinks, switches=None, persistent=None, fused=None, registers=None, **kwargs):
         """swa_attention with the Mosaic kernels' module switches set (read when swa_attention builds its config)."""
         def attn(q, k, v):
-            saved = mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT
+            saved = (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT,
+                     mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS)
             if switches is not None:
                 mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = switches
             if persistent is not None:
                 mgpu.FORWARD_PERSISTENT = persistent
+            if fused is not None:
+                mgpu.BWD_FUSED_DQ = fused
+            if registers is not None:
+                mgpu.BWD_DKV_REGISTERS = registers
             try:
                 return ours_plain(window, sinks, **kwargs)(q, k, v)
             finally:
-                mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT = saved
+                (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT,
+                 mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS) = saved
         return attn
 
     grads_ok = {}

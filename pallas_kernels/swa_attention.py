@@ -63,7 +63,7 @@ class _Config:
     lazy_rescale: bool  # forward: rescale the accumulator only when a row max grows by more than _RESCALE_SLACK
     forward: str  # "triton": _fwd_kernel; "mosaic": swa_attention_mgpu (Hopper wgmma, warp-specialised)
     backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
-    mosaic_switches: tuple  # (schedule_dq, schedule_dkv, paired_dkv) of the Mosaic backward, from its module
+    mosaic_switches: tuple  # (schedule_dq, schedule_dkv, paired_dkv, fused_dq, dkv_registers) of the Mosaic backward
     persistent_ctas: int  # Mosaic forward: CTAs of its persistent grid (0: one per tile), from its module switch
     interpret: bool
 
@@ -323,7 +323,8 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
             window=cfg.window, sinks=cfg.sinks, scale=cfg.scale, block_kv_dq=cfg.block_k_dq,
             stages_dq=cfg.num_stages_dq, block_q_dkv=cfg.block_q_bwd, stages_dkv=cfg.num_stages_bwd,
             schedule_dq=cfg.mosaic_switches[0], schedule_dkv=cfg.mosaic_switches[1],
-            paired_dkv=cfg.mosaic_switches[2], interpret=cfg.interpret))
+            paired_dkv=cfg.mosaic_switches[2], fused_dq=cfg.mosaic_switches[3], dkv_registers=cfg.mosaic_switches[4],
+            interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
@@ -482,12 +483,15 @@ def _persistent_ctas(forward, window, interpret):
     return 2 if interpret else mgpu.sm_count()  # interpret mode: two CTAs share the tiles
 
 
-def _mosaic_switches(backward):
+def _mosaic_switches(backward, d, block_q_bwd, interpret):
     if backward != "mosaic":
-        return (False, False, False)
+        return (False, False, False, False, 0)
     from pallas_kernels import swa_attention_mgpu as mgpu
 
-    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV)
+    fused = mgpu.BWD_FUSED_DQ
+    if fused == "auto":
+        fused = mgpu.fused_dq_supported(d, block_q_bwd, interpret)
+    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, bool(fused), mgpu.BWD_DKV_REGISTERS)
 
 
 def _check_block(name, value):
@@ -595,7 +599,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
                   lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
-                  mosaic_switches=_mosaic_switches(backward),
+                  mosaic_switches=_mosaic_switches(backward, d, block_q_bwd, interpret),
                   persistent_ctas=_persistent_ctas(forward, min(window, tp), interpret), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))

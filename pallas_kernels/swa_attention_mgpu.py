@@ -48,6 +48,13 @@ PERSISTENT_MAX_WINDOW = 2048
 BWD_SCHEDULE_DQ = False
 BWD_SCHEDULE_DKV = False
 BWD_PAIRED_DKV = True
+# BWD_FUSED_DQ: the dk/dv kernel also accumulates dq (TMA reduce-adds of float32 partials), no dq kernel: True,
+# False, or "auto" = where the head dim allows it (fused_dq_supported). Off: correct, but measured slower on the H100
+# (W=4096 fwd+bwd 9.6-9.9 ms vs 8.0-8.6 with the dq kernel; benchmarks/RESULTS.md, fifth round).
+BWD_FUSED_DQ = False
+# BWD_DKV_REGISTERS: per-thread registers of the dk/dv kernel's compute warpgroups (232 or 240; the memory warpgroup
+# gets the rest of the 512 per thread slot: 40 or 24). ptxas spills fewer bytes at 240 (116 vs 164 stores, H100).
+BWD_DKV_REGISTERS = 240
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -161,18 +168,30 @@ def _products_bt(pairs, interpret: bool, while_running=lambda: None):
     return pl.run_scoped(products, tuple(plgpu.ACC((a.shape[0], b.shape[0]), jnp.float32) for a, b in pairs))
 
 
+class _Transposed:
+    """A [K, M] shared-memory ref used as the [M, K] left operand of a product (wgmma reads it transposed)."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+
 def _accumulate(terms, interpret: bool):
-    """acc + a @ b for each (acc, a, b) of `terms` (a in registers, b [K, N] in shared memory), the accumulators
-    preloaded into the wgmmas (pl.run_state); all issued, then one wait."""
+    """acc + the sum of a @ b over each term's products: a term is (acc, a, b) or (acc, [(a, b), ...]); a in
+    registers or _Transposed(shared-memory ref), b [K, N] in shared memory. The accumulators are preloaded into the
+    wgmmas (pl.run_state); all are issued, then one wait."""
     plgpu, pl = _plgpu(), _pl()
+    terms = [(t[0], [(t[1], t[2])]) if len(t) == 3 else t for t in terms]
     if interpret:
-        return tuple(acc + jnp.dot(a, b[...], preferred_element_type=jnp.float32) for acc, a, b in terms)
+        value = lambda a: a.ref[...].T if isinstance(a, _Transposed) else a  # noqa: E731
+        return tuple(acc + sum(jnp.dot(value(a), b[...], preferred_element_type=jnp.float32) for a, b in products)
+                     for acc, products in terms)
 
     def accumulate(refs):
-        for ref, (_, a, b) in zip(refs, terms):
-            plgpu.wgmma(ref, a, b)
+        for ref, (_, products) in zip(refs, terms):
+            for a, b in products:
+                plgpu.wgmma(ref, plgpu.transpose_ref(a.ref, (1, 0)) if isinstance(a, _Transposed) else a, b)
 
-    return pl.run_state(accumulate)(tuple(plgpu.ACC.init(acc) for acc, _, _ in terms))
+    return pl.run_state(accumulate)(tuple(plgpu.ACC.init(acc) for acc, _ in terms))
 
 
 class _Regs:
@@ -392,6 +411,9 @@ def forward(q, k, v, cfg: MgpuConfig):
 #         dv += p^T do, dk += ds^T q. Sink key blocks are seen by every later query: their tail of query blocks is cut
 #         into chunks handled by extra CTAs writing partial sums to extra rows, added back by the wrapper (the Triton
 #         backward's scheme, with its helpers).
+# fused_dq (off by default: measured slower): no dq kernel; the dk/dv kernel stores each step's ds^T in shared memory
+#         (both warpgroups' halves), each warpgroup computes dq for half of D's columns over all 128 keys and TMA
+#         reduce-adds the float32 [64, D/2] tile into a zeroed dq accumulator (an aliased input).
 
 KEYS_PER_CTA = ROWS_PER_CTA
 
@@ -408,7 +430,21 @@ class MgpuBwdConfig:
     schedule_dq: bool = False  # ping-pong the compute warpgroups on the tensor cores (as the forward does)
     schedule_dkv: bool = False
     paired_dkv: bool = True  # dk/dv kernel: issue the dv and dk accumulations together, one wait
+    fused_dq: bool = False  # dq accumulated by the dk/dv kernel (no dq kernel); see fused_dq_supported
+    dkv_registers: int = BWD_DKV_REGISTERS  # the dk/dv kernel's compute warpgroups' registers (232 or 240)
     interpret: bool = False
+
+
+def _memory_registers(compute_registers: int) -> int:
+    """The memory warpgroup's share: 2 compute warpgroups + 1 memory warpgroup within 512 registers per thread."""
+    return {232: 40, 240: 24}[compute_registers]
+
+
+def fused_dq_supported(d: int, block_q_dkv: int, interpret: bool) -> bool:
+    """Can the dk/dv kernel accumulate dq? Each compute warpgroup owns half of dq's columns, and on the GPU a half
+    must be whole 64-column swizzle tiles (D 128); the interpreter has no tiles. Query tiles of 64 only (128 would
+    overflow shared memory and need M = 128 per warpgroup)."""
+    return block_q_dkv == 64 and (interpret or (d // COMPUTE_WGS) % 64 == 0)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dq_ref, scratch, *, cfg: MgpuBwdConfig, group):
@@ -522,13 +558,36 @@ def _stream(n_tiles, tile_steps, stages, free_barriers):
         wait_free(g)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, scratch, *,
+def _reduce_add(value, stage, dst, loaded, interpret: bool):
+    """dst (global memory) += value through the shared-memory tile `stage`: a TMA bulk reduce-add, which many CTAs
+    may aim at the same dst. It is waited for only when `stage` is next needed (here, the next step). The GPU
+    interpreter has no TMA reductions: there it is a read-modify-write, exact because it runs CTAs one after another
+    and the two warpgroups own different columns."""
+    plgpu = _plgpu()
+    if interpret:
+        plgpu.copy_gmem_to_smem(dst, stage, loaded)
+        plgpu.barrier_wait(loaded)
+        stage[...] = stage[...] + value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, dst)
+        plgpu.wait_smem_to_gmem(0)
+        return
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous reduce-add has read the stage
+    stage[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, dq_ref, scratch, *,
                  cfg: MgpuBwdConfig, group: int, tp: int, num_k_blocks: int, n_split: int, split_len: int):
+    """dq_ref: None, or (cfg.fused_dq) a float32 [B, Tp, Hq, D] accumulator, zero on entry, that each step adds
+    its dq partial to (ds^T k over the CTA's 128 keys; each warpgroup owns half of D's columns)."""
     from pallas_kernels import swa_attention as tri  # its block-range helpers (same definitions as the Triton path)
 
     plgpu, pl = _plgpu(), _pl()
-    (k_smem, v_smem, out_smem, q_smem, do_smem, lse_smem, delta_smem), (k_ready, v_ready), \
-        (q_ready, do_ready, lse_ready, delta_ready), (q_free, do_free), sched = scratch
+    (k_smem, v_smem, staging, q_smem, do_smem, lse_smem, delta_smem), (k_ready, v_ready), \
+        (q_ready, do_ready, lse_ready, delta_ready), (q_free, do_free), sched, (ds_ready, dq_loaded) = scratch
+    (ds_smem, dq_stage), out_smem = staging  # one region on the GPU: the loop's dq staging, then dk/dv's
     bq, stages = cfg.block_q_dkv, cfg.stages_dkv
     num_q_blocks = tp // bq
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
@@ -552,7 +611,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(cfg.dkv_registers, action="increase")
         regs = _Regs(cfg.interpret)
         k0 = kb * KEYS_PER_CTA + wg * ROWS_PER_WG
         keys = (batch, pl.ds(k0, ROWS_PER_WG), kv_head)
@@ -584,9 +643,25 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
                 t = qb * bq + regs.iota(shape, 1)
                 p_t = jnp.where(_visible(t, key, cfg.window, cfg.sinks), p_t, 0.0)
             ds_t = (p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))).astype(q_smem.dtype)
+            if cfg.fused_dq:  # this warpgroup's 64 key rows of the step's ds^T, for both warpgroups' dq products
+                ds_all = ds_smem.at[lax.rem(s, 2)]  # two buffers: the other warpgroup may still read the last one
+                ds_all.at[wg][...] = ds_t
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready)
             pp.done_elementwise()
             pp.wait_turn()
-            if cfg.paired_dkv:
+            if cfg.fused_dq:  # dq (this warpgroup's columns) = ds (all 128 keys) k, issued with dv and dk
+                plgpu.barrier_wait(ds_ready)
+                # Its own keys, then the other warpgroup's: traced indices (static ones would enter run_state as
+                # literals, which jax 0.11's Mosaic GPU lowering rejects).
+                dq_products = [(_Transposed(ds_all.at[w]), k_smem.at[w, :, dq_cols]) for w in (wg, 1 - wg)]
+                dv, dk, dq = _accumulate([(dv, p_t.astype(do_smem.dtype), do_smem.at[slot]),
+                                          (dk, ds_t, q_smem.at[slot]), (regs.zeros((bq, dq_width)), dq_products)],
+                                         cfg.interpret)
+                plgpu.barrier_arrive(do_free.at[slot])
+                _reduce_add(dq, dq_stage.at[wg], dq_ref.at[batch, pl.ds(qb * bq, bq), head_of(g), dq_cols],
+                            dq_loaded.at[wg], cfg.interpret)
+            elif cfg.paired_dkv:
                 dv, dk = _accumulate([(dv, p_t.astype(do_smem.dtype), do_smem.at[slot]),
                                       (dk, ds_t, q_smem.at[slot])], cfg.interpret)
                 plgpu.barrier_arrive(do_free.at[slot])
@@ -602,10 +677,16 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
                 carry = lax.fori_loop(a, b, functools.partial(step, g=g, masked=masked), carry)
             return carry
 
+        dq_width = d // COMPUTE_WGS
+        dq_cols = pl.ds(pl.multiple_of(wg * dq_width, dq_width), dq_width)
         zeros = regs.zeros((ROWS_PER_WG, d))
         pp.begin()
         dk, dv = lax.fori_loop(0, group, head_steps, (zeros, zeros))
         pp.end()
+        if cfg.fused_dq:  # the staging region becomes out_smem: every reduce-add has read it, and no ds^T is in use
+            plgpu.wait_smem_to_gmem(0)
+            plgpu.barrier_arrive(ds_ready)
+            plgpu.barrier_wait(ds_ready)
         out_rows = (batch, pl.ds(j * KEYS_PER_CTA + wg * ROWS_PER_WG, ROWS_PER_WG), kv_head)
         for value, ref in ((dk * cfg.scale, dk_ref), (dv, dv_ref)):  # one float32 staging tile, used twice
             out_smem.at[wg][...] = value
@@ -615,7 +696,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(_memory_registers(cfg.dkv_registers), action="decrease")
 
         def load(s, slot):
             g = lax.div(s, jnp.maximum(per_head, 1))
@@ -671,8 +752,14 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
             collective_axes="wg",
         )
 
-    dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq, tp // ROWS_PER_CTA, b),
-                      grid_names=("heads", "q_tiles", "batch"), **launch)(q, k, v, do, lse2, delta)
+    fused = cfg.fused_dq
+    if fused and not fused_dq_supported(d, cfg.block_q_dkv, cfg.interpret):
+        raise ValueError(f"swa_attention_mgpu: fused_dq needs block_q_dkv 64 and head_dim 128 (got "
+                         f"{cfg.block_q_dkv}, {d})")
+    if not fused:
+        dq = plgpu.kernel(dq_entry, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+                          grid=(hq, tp // ROWS_PER_CTA, b), grid_names=("heads", "q_tiles", "batch"),
+                          **launch)(q, k, v, do, lse2, delta)
 
     bq, sk = cfg.block_q_dkv, cfg.stages_dkv
     num_q_blocks, num_k_blocks = tp // bq, tp // KEYS_PER_CTA
@@ -683,24 +770,47 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
     n_extra = nsb * n_split
     rows = tp + n_extra * KEYS_PER_CTA
 
+    # The loop's dq staging (ds^T, two buffers; a float32 [bq, D/2] tile per warpgroup) and the final dk/dv staging
+    # share shared memory on the GPU (a RefUnion: their lifetimes do not overlap); the interpreter has no RefUnion.
+    # The float32 dq tile swizzled too: stored unswizzled, the WGMMA layout's 8 rows per store land in one bank group.
+    swizzled_f32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    loop_staging = (plgpu.SMEM((2, wgs, ROWS_PER_WG, bq), q.dtype, transforms=swizzled),
+                    plgpu.SMEM((wgs, bq, d // wgs), jnp.float32, transforms=swizzled_f32))
+    out_staging = plgpu.SMEM((wgs, ROWS_PER_WG, d), jnp.float32)
+    staging = (loop_staging, out_staging) if cfg.interpret else plgpu.RefUnion(loop_staging, out_staging)
+
     def dkdv_entry(*refs):
+        if not fused:
+            refs = refs + (None,)
+        else:  # inputs, the dq accumulator's input (aliased to the output), outputs
+            refs = refs[:6] + refs[7:]
         pl.run_scoped(
             lambda *scratch: _dkdv_kernel(*refs, scratch, cfg=cfg, group=group, tp=tp, num_k_blocks=num_k_blocks,
                                           n_split=n_split, split_len=split_len),
             (tiles(wgs, ROWS_PER_WG, k.dtype), tiles(wgs, ROWS_PER_WG, v.dtype),
-             plgpu.SMEM((wgs, ROWS_PER_WG, d), jnp.float32),
+             staging,
              tiles(sk, bq, q.dtype), tiles(sk, bq, do.dtype),
              plgpu.SMEM((sk, bq), jnp.float32), plgpu.SMEM((sk, bq), jnp.float32)),
             (plgpu.Barrier(num_barriers=wgs),) * 2,
             (plgpu.Barrier(num_barriers=sk),) * 4,
             (plgpu.Barrier(num_arrivals=wgs, num_barriers=sk),) * 2,
             plgpu.Barrier(num_arrivals=wgs),
+            (plgpu.Barrier(num_arrivals=wgs), plgpu.Barrier(num_barriers=wgs)),
             collective_axes="wg",
         )
 
     out = jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)
-    dk_all, dv_all = plgpu.kernel(dkdv_entry, out_type=(out, out), grid=(hkv, num_k_blocks + n_extra, b),
-                                  grid_names=("kv_heads", "k_tiles", "batch"), **launch)(q, k, v, do, lse2, delta)
+    grid = dict(grid=(hkv, num_k_blocks + n_extra, b), grid_names=("kv_heads", "k_tiles", "batch"))
+    if fused:
+        from pallas_kernels import compat
+
+        dq_acc = jnp.zeros((b, tp, hq, d), jnp.float32)
+        dk_all, dv_all, dq_acc = compat.mosaic_gpu_kernel_with_aliases(
+            dkdv_entry, (out, out, jax.ShapeDtypeStruct(dq_acc.shape, jnp.float32)), input_output_aliases={6: 2},
+            **grid, **launch)(q, k, v, do, lse2, delta, dq_acc)
+        dq = (dq_acc * cfg.scale).astype(q.dtype)
+    else:
+        dk_all, dv_all = plgpu.kernel(dkdv_entry, out_type=(out, out), **grid, **launch)(q, k, v, do, lse2, delta)
 
     def fold(x_all):
         x = x_all[:, :tp]

@@ -78,11 +78,18 @@ def _check_backward(seed, t, hq, hkv, window, sinks, **cfg):
 
 
 # Sinks spanning two 128-key blocks with a long query tail (the split tail CTAs and their fold), partial sink
-# blocks, GQA 4, window 1 and beyond T, both dq key tiles, a 128-row dk/dv query tile, deeper rings.
+# blocks, GQA 4, window 1 and beyond T, both dq key tiles, a 128-row dk/dv query tile, deeper rings; dq from its own
+# kernel (the default) or accumulated by the dk/dv kernel (fused_dq: reduce-adds from several CTAs, the sink tail's
+# CTAs among them, into one dq row block).
 @pytest.mark.parametrize(
     "t, hq, hkv, window, sinks, cfg",
     [
         (256, 2, 1, 100, 10, dict()),
+        pytest.param(256, 2, 1, 100, 10, dict(fused_dq=True), marks=pytest.mark.slow),
+        pytest.param(640, 2, 1, 64, 256, dict(fused_dq=True), marks=pytest.mark.slow),
+        pytest.param(512, 4, 1, 129, 130, dict(fused_dq=True, stages_dkv=2), marks=pytest.mark.slow),
+        pytest.param(300, 2, 2, 1000, 1, dict(fused_dq=True), marks=pytest.mark.slow),
+        pytest.param(384, 2, 1, 1, 0, dict(fused_dq=True), marks=pytest.mark.slow),
         pytest.param(640, 2, 1, 64, 256, dict(schedule_dq=True, schedule_dkv=True), marks=pytest.mark.slow),
         pytest.param(256, 8, 1, 100, 10, dict(), marks=pytest.mark.slow),  # GQA 8: eight heads per dk/dv CTA
         pytest.param(512, 4, 1, 129, 130, dict(block_kv_dq=128, stages_dq=2), marks=pytest.mark.slow),
@@ -165,17 +172,38 @@ def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages):
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dq=2, stages_dkv=2)])
+@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dq=2, stages_dkv=2), dict(fused_dq=True)])
 def test_backward_lowers_to_mosaic_gpu_for_cuda(cfg):
-    """Both backward kernels lower for CUDA (layouts of the loaded lse/delta vectors, transposed views, shared
-    memory within the H100's 227 KB: the lowering checks it)."""
+    """Both backward kernels (or the dk/dv kernel alone, accumulating dq) lower for CUDA (layouts of the loaded
+    lse/delta vectors, transposed views, TMA reduce-adds, shared memory within the H100's 227 KB: the lowering checks
+    it)."""
     s = jax.ShapeDtypeStruct
     t, bf = 2048, jnp.bfloat16
     args = [s((1, t, 16, 128), bf), s((1, t, 2, 128), bf), s((1, t, 2, 128), bf), s((1, t, 16, 128), bf),
             s((1, 16, t), jnp.float32), s((1, t, 16, 128), bf), s((1, 16, t), jnp.float32)]
     bwd_cfg = mgpu.MgpuBwdConfig(window=300, sinks=128, scale=0.1, **cfg)
     text = export.export(jax.jit(lambda *a: mgpu.backward(*a, bwd_cfg)), platforms=("cuda",))(*args).mlir_module()
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == (1 if bwd_cfg.fused_dq else 2)
+
+
+def test_fused_dq_rule(monkeypatch):
+    """Off by default (measured slower); BWD_FUSED_DQ="auto": dq accumulated by the dk/dv kernel where each
+    warpgroup's half of D is whole 64-column tiles (D 128) with 64-row query tiles, or in the interpreter; a fused
+    config it cannot run raises."""
+    from pallas_kernels import swa_attention as tri
+
+    assert tri._mosaic_switches("mosaic", 128, 64, False)[3] is False
+    monkeypatch.setattr(mgpu, "BWD_FUSED_DQ", "auto")
+    assert tri._mosaic_switches("mosaic", 128, 64, False)[3] is True
+    assert tri._mosaic_switches("mosaic", 64, 64, False)[3] is False
+    assert tri._mosaic_switches("mosaic", 128, 128, False)[3] is False
+    assert tri._mosaic_switches("mosaic", 64, 64, True)[3] is True
+    assert tri._mosaic_switches("triton", 128, 64, False) == (False,) * 4 + (0,)
+    q, k, v, _, _ = _inputs(0, 1, 128, 2, 1, 64, jnp.bfloat16)
+    lse = jnp.zeros((1, 2, 128), jnp.float32)
+    cfg = mgpu.MgpuBwdConfig(window=8, sinks=0, scale=0.125, fused_dq=True)
+    with pytest.raises(ValueError, match="fused_dq"):
+        mgpu.backward(q, k, v, q, lse, q, lse, cfg)
 
 
 @pytest.mark.gpu
