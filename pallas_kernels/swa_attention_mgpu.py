@@ -430,7 +430,8 @@ class MgpuBwdConfig:
     schedule_dq: bool = False  # ping-pong the compute warpgroups on the tensor cores (as the forward does)
     schedule_dkv: bool = False
     paired_dkv: bool = True  # dk/dv kernel: issue the dv and dk accumulations together, one wait
-    fused_dq: bool = False  # dq accumulated by the dk/dv kernel (no dq kernel); see fused_dq_supported
+    fused_dq: bool = False  # dq accumulated by the dk/dv kernel (no dq kernel; dv, dk, dq issued together whatever
+    # paired_dkv says); see fused_dq_supported
     dkv_registers: int = BWD_DKV_REGISTERS  # the dk/dv kernel's compute warpgroups' registers (232 or 240)
     interpret: bool = False
 
