@@ -237,12 +237,39 @@ def table():
     return "\n".join(lines)
 
 
+def bwd_blocks(shapes, reps):
+    """The chunk-parallel backward's P block (pk.BWD_BLOCK_P, read when the op is traced): for each value and shape,
+    agreement with the XLA chunk form (float32) first, then the forward+backward time (bf16 x, B, C)."""
+    saved = pk.BWD_BLOCK_P
+    try:
+        for name, b, t, h, p, n in shapes:
+            inp = make_inputs(b, t, h, p, n)
+            bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+            args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
+                    jnp.asarray(inp["dt_bias"]), jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+            for block in (32, 64, 128):
+                if block > p:
+                    continue
+                pk.BWD_BLOCK_P = block
+                row = {"kind": "bwd_block", "shape": name, "bwd_block_p": block}
+                agreement(inp, row)
+                if row["agree"]:
+                    row["ours_fwdbwd_ms"] = time_jax(op_fns("pallas")[1], *args, reps=reps)
+                log(f"{name} bwd block_p {block}:", {k: v for k, v in row.items() if k.endswith("ms")})
+                ROWS.append(row)
+                save()
+    finally:
+        pk.BWD_BLOCK_P = saved
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpret mode: a dry run of the script")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--stages-only", action="store_true",
                     help="only the pipelining-stages sweep at the first shape (sweep_stages), no bench shapes")
+    ap.add_argument("--bwd-blocks-only", action="store_true",
+                    help="the chunk-parallel backward's P block (ssd.BWD_BLOCK_P 32/64/128): agreement, then fwd+bwd")
     ap.add_argument("--knobs-only", action="store_true",
                     help="only the kernel chunk x block_p sweep (sweep), at the first two shapes")
     args = ap.parse_args()
@@ -254,6 +281,11 @@ def main():
     if args.knobs_only:
         for shape in SHAPES[:2]:
             sweep(shape, reps, budget_s=float("inf"))
+        for r in ROWS:
+            print(r, flush=True)
+        return
+    if args.bwd_blocks_only:
+        bwd_blocks(SHAPES[:2], reps)
         for r in ROWS:
             print(r, flush=True)
         return

@@ -15,10 +15,13 @@ Plan (same structure as pallas_kernels/delta_rule.py):
     d A (pallas_kernels.common.chunk_cumsum), time-major -> head-major layout of d.
   * Forward kernel, grid (B, H, P / block_p), sequential over chunks with the [block_p, N] state kept on chip: no
     per-chunk state goes through HBM. Splitting P multiplies the parallelism beyond B*H (rows of S are independent).
-  * Backward: the forward kernel is rerun to save each chunk's start state, a second kernel sweeps the chunks in
-    reverse carrying dS (split over P the same way) and writes dx, dB, dC, the gradient of d as a direct factor and of
-    the cumulative decay a; jax.vjp of the cheap XLA cumsum turns the latter into gradients of d and A. Per-P-block
-    partial sums (dB, dC, dd, da) and the per-head dB, dC of heads sharing a group are reduced by XLA.
+  * Backward: the forward kernel is rerun to save each chunk's start state; a second kernel sweeps the chunks in
+    reverse carrying only dS (one small product per chunk; split over P the same way) and saves each chunk's end-state
+    gradient; a third, with one program per (sequence, head, P block, chunk), writes dx, dB, dC, the gradient of d as
+    a direct factor and of the cumulative decay a (the sequential sweep holding all of that ran B*H*P/block_p
+    programs: 64 at B1 H16 P128, half an H100). jax.vjp of the cheap XLA cumsum turns the latter into gradients of d
+    and A. Per-P-block partial sums (dB, dC, dd, da) and the per-head dB, dC of heads sharing a group are reduced by
+    XLA. Memory: the start states and the end-state gradients, [B, H, T/chunk, P, N] float32 each.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -49,6 +52,10 @@ FWD_STAGES = 3
 FWD_STAGES_WIDE = 2
 FWD_STAGES_MAX_PROGRAMS = FEW_PROGRAMS
 BWD_STAGES = 1
+BWD_SWEEP_STAGES = 2  # the backward's state sweep (a loop of one small product per chunk)
+# P block of the chunk-parallel backward kernel (its grid is large already, so wider blocks only cut the recomputed
+# C B^T and the per-block partial sums of dB, dC); the state sweep keeps the forward's block_p.
+BWD_BLOCK_P = 64
 
 
 def _fwd_stages(programs: int, n_state: int) -> int:
@@ -101,60 +108,76 @@ def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *maybe
     ht_ref[b, h, ps, :] = s
 
 
-def _bwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, st_ref, dy_ref, dht_ref,
-                dx_ref, db_ref, dc_ref, dd_ref, da_ref, dh0_ref, *, chunk, n_chunks, block_p, heads_per_group):
+def _dstate_kernel(a_ref, c_ref, dy_ref, dht_ref, dst_ref, dh0_ref, *, chunk, n_chunks, block_p, heads_per_group):
+    """The reverse sweep's only sequential part: dS at the end of every chunk (dst [B,H,n,P,N] f32), from
+    dS0 = e^{a_L} dS1 + (dy e^{a})^T C, and dh0."""
     pl = _pl()
     b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     grp = h // heads_per_group
     ps = pl.ds(ip * block_p, block_p)
-    cdt = x_ref.dtype
+    cdt = dy_ref.dtype
 
     def body(i, ds1):
         c = n_chunks - 1 - i
         ts = pl.ds(c * chunk, chunk)
-        s0 = st_ref[b, h, c, ps, :]
-        x = x_ref[b, ts, h, ps].astype(F32)
-        d = d_ref[b, h, ts]
+        dst_ref[b, h, c, ps, :] = ds1
         a = a_ref[b, h, ts]
-        bm = b_ref[b, ts, grp, :].astype(F32)
-        cm = c_ref[b, ts, grp, :].astype(F32)
-        dy = dy_ref[b, ts, h, ps].astype(F32)
-        a_last, decay, is_last = _chunk_decays(a, chunk)
-        ea = jnp.exp(a)
-        to_end = jnp.exp(a_last - a)  # e^{a_L - a_j}
-        cb = _dot_nt(cm, bm, cdt)
-        cb_decay = cb * decay
-        scores = cb_decay * d[None, :]  # M
-        x_w = x * (d * to_end)[:, None]
+        a_last, _, _ = _chunk_decays(a, chunk)
+        dy_e = dy_ref[b, ts, h, ps].astype(F32) * jnp.exp(a)[:, None]
+        return jnp.exp(a_last) * ds1 + _dot_tn(dy_e, c_ref[b, ts, grp, :].astype(F32), cdt)
 
-        # y = M x + e^a (C S0^T):  gradients of x, S0 and (through M) of C B^T.
-        d_scores = _dot_nt(dy, x, cdt)  # dL/dM
-        dy_e = dy * ea[:, None]
-        dxw = _dot_nt(bm, ds1, cdt)  # dL/dXw [L, block_p], from S1 = e^{a_L} S0 + Xw^T B
-        dx = _dot_tn(scores, dy, cdt) + dxw * (d * to_end)[:, None]
-        ds0 = jnp.exp(a_last) * ds1 + _dot_tn(dy_e, cm, cdt)
-        d_cb = d_scores * decay * d[None, :]
-        dc = _dot(d_cb, bm, cdt) + _dot(dy_e, s0, cdt)
-        db = _dot_tn(d_cb, cm, cdt) + _dot(x_w, ds1, cdt)
+    dh0_ref[b, h, ps, :] = lax.fori_loop(0, n_chunks, body, dht_ref[b, h, ps, :].astype(F32))
 
-        # d enters as a factor of M's column j and of Xw_j; a through e^{a_i - a_j}, e^{a_i} and e^{a_L (- a_j)}.
-        q = d_scores * cb_decay  # dL/dM_ij * dM_ij/dd_j
-        w = q * d[None, :]  # dL/d(a_i - a_j)
-        read = jnp.sum(dy_e * _dot_nt(cm, s0, cdt), axis=1)  # from e^{a_i} (C S0^T)_i
-        u = jnp.sum(dxw * x, axis=1) * to_end  # dL/dd_j through Xw_j
-        dd = jnp.sum(q, axis=0) + u
-        da_last = jnp.sum(d * u) + jnp.exp(a_last) * jnp.sum(ds1 * s0)
-        da = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + read - d * u + jnp.where(is_last, da_last, 0.0)
 
-        dx_ref[b, ts, h, ps] = dx.astype(dx_ref.dtype)
-        db_ref[ip, b, ts, h, :] = db
-        dc_ref[ip, b, ts, h, :] = dc
-        dd_ref[ip, b, h, ts] = dd
-        da_ref[ip, b, h, ts] = da
-        return ds0
+def _bwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, st_ref, dst_ref, dy_ref,
+                dx_ref, db_ref, dc_ref, dd_ref, da_ref, *, chunk, block_p, heads_per_group):
+    """One chunk's gradients, given its start state S0 (st) and the gradient dS1 of its end state (dst): no carry,
+    so every (sequence, head, P block, chunk) is its own program."""
+    pl = _pl()
+    b, h, ip, c = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    grp = h // heads_per_group
+    ps = pl.ds(ip * block_p, block_p)
+    cdt = x_ref.dtype
+    ts = pl.ds(c * chunk, chunk)
+    s0 = st_ref[b, h, c, ps, :]
+    ds1 = dst_ref[b, h, c, ps, :]
+    x = x_ref[b, ts, h, ps].astype(F32)
+    d = d_ref[b, h, ts]
+    a = a_ref[b, h, ts]
+    bm = b_ref[b, ts, grp, :].astype(F32)
+    cm = c_ref[b, ts, grp, :].astype(F32)
+    dy = dy_ref[b, ts, h, ps].astype(F32)
+    a_last, decay, is_last = _chunk_decays(a, chunk)
+    ea = jnp.exp(a)
+    to_end = jnp.exp(a_last - a)  # e^{a_L - a_j}
+    cb = _dot_nt(cm, bm, cdt)
+    cb_decay = cb * decay
+    scores = cb_decay * d[None, :]  # M
+    x_w = x * (d * to_end)[:, None]
 
-    ds0 = lax.fori_loop(0, n_chunks, body, dht_ref[b, h, ps, :].astype(F32))
-    dh0_ref[b, h, ps, :] = ds0
+    # y = M x + e^a (C S0^T):  gradients of x, S0 and (through M) of C B^T.
+    d_scores = _dot_nt(dy, x, cdt)  # dL/dM
+    dy_e = dy * ea[:, None]
+    dxw = _dot_nt(bm, ds1, cdt)  # dL/dXw [L, block_p], from S1 = e^{a_L} S0 + Xw^T B
+    dx = _dot_tn(scores, dy, cdt) + dxw * (d * to_end)[:, None]
+    d_cb = d_scores * decay * d[None, :]
+    dc = _dot(d_cb, bm, cdt) + _dot(dy_e, s0, cdt)
+    db = _dot_tn(d_cb, cm, cdt) + _dot(x_w, ds1, cdt)
+
+    # d enters as a factor of M's column j and of Xw_j; a through e^{a_i - a_j}, e^{a_i} and e^{a_L (- a_j)}.
+    q = d_scores * cb_decay  # dL/dM_ij * dM_ij/dd_j
+    w = q * d[None, :]  # dL/d(a_i - a_j)
+    read = jnp.sum(dy_e * _dot_nt(cm, s0, cdt), axis=1)  # from e^{a_i} (C S0^T)_i
+    u = jnp.sum(dxw * x, axis=1) * to_end  # dL/dd_j through Xw_j
+    dd = jnp.sum(q, axis=0) + u
+    da_last = jnp.sum(d * u) + jnp.exp(a_last) * jnp.sum(ds1 * s0)
+    da = jnp.sum(w, axis=1) - jnp.sum(w, axis=0) + read - d * u + jnp.where(is_last, da_last, 0.0)
+
+    dx_ref[b, ts, h, ps] = dx.astype(dx_ref.dtype)
+    db_ref[ip, b, ts, h, :] = db
+    dc_ref[ip, b, ts, h, :] = dc
+    dd_ref[ip, b, h, ts] = dd
+    da_ref[ip, b, h, ts] = da
 
 
 def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_states):
@@ -176,23 +199,32 @@ def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_s
 
 
 def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, interpret):
-    """Reverse sweep. Returns dx [B,Tp,H,P] f32, dB and dC per head [B,Tp,H,N] f32, dd and da [B,H,Tp] f32 (d as a
-    direct factor; a the chunk-local cumulative log decay) and dh0 [B,H,P,N] f32."""
+    """Reverse sweep: the state gradients first (sequential, one small product per chunk), then every chunk's
+    gradients in parallel. Returns dx [B,Tp,H,P] f32, dB and dC per head [B,Tp,H,N] f32, dd and da [B,H,Tp] f32 (d
+    as a direct factor; a the chunk-local cumulative log decay) and dh0 [B,H,P,N] f32."""
     pl = _pl()
     b, t, h, p = x.shape
     g, n_state = bm.shape[2], bm.shape[3]
     n = t // chunk
     n_p = p // block_p
+    sweep = functools.partial(_dstate_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
+    dstates, dh0 = pl.pallas_call(
+        sweep, out_shape=(jax.ShapeDtypeStruct((b, h, n, p, n_state), F32), jax.ShapeDtypeStruct((b, h, p, n_state), F32)),
+        grid=(b, h, n_p), interpret=interpret, compiler_params=triton_params(FWD_WARPS, BWD_SWEEP_STAGES),
+        name="ssd_bwd_states")(a_hm, cm, dy, dht)
+    if p % min(p, BWD_BLOCK_P) == 0:
+        block_p = min(p, BWD_BLOCK_P)
+        n_p = p // block_p
     out_shape = (jax.ShapeDtypeStruct((b, t, h, p), F32),
                  jax.ShapeDtypeStruct((n_p, b, t, h, n_state), F32),
                  jax.ShapeDtypeStruct((n_p, b, t, h, n_state), F32),
                  jax.ShapeDtypeStruct((n_p, b, h, t), F32),
-                 jax.ShapeDtypeStruct((n_p, b, h, t), F32),
-                 jax.ShapeDtypeStruct((b, h, p, n_state), F32))
-    kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
-    dx, db, dc, dd, da, dh0 = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b, h, n_p), interpret=interpret,
-        compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states, dy, dht)
+                 jax.ShapeDtypeStruct((n_p, b, h, t), F32))
+    kernel = functools.partial(_bwd_kernel, chunk=chunk, block_p=block_p, heads_per_group=h // g)
+    dx, db, dc, dd, da = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, h, n_p, n), interpret=interpret,
+        compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states,
+                                                                               dstates, dy)
     return dx, db.sum(0), dc.sum(0), dd.sum(0), da.sum(0), dh0
 
 

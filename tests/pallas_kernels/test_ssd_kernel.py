@@ -51,6 +51,7 @@ CASES = [
 @pytest.mark.parametrize("seed,b,t,h,g,p,n,chunk,use_h0", CASES)
 def test_forward_and_every_vjp_match_the_recurrent_reference(seed, b, t, h, g, p, n, chunk, use_h0, monkeypatch):
     monkeypatch.setattr(kernel, "DEFAULT_BLOCK_P", 8)  # case 0 runs two programs per head, each with half the rows
+    monkeypatch.setattr(kernel, "BWD_BLOCK_P", 8)  # and so does the chunk-parallel backward (its own P block)
     inp = _inputs(seed, b, t, h, g, p, n)
     args = tuple(inp[k] for k in NAMES)
     r = np.random.default_rng(100 + seed)
