@@ -238,28 +238,29 @@ def table():
 
 
 def bwd_blocks(shapes, reps):
-    """The chunk-parallel backward's P block (pk.BWD_BLOCK_P, read when the op is traced): for each value and shape,
-    agreement with the XLA chunk form (float32) first, then the forward+backward time (bf16 x, B, C)."""
-    saved = pk.BWD_BLOCK_P
+    """The chunk-parallel backward's P block and warps (pk.BWD_BLOCK_P, pk.BWD_WARPS, read when the op is traced):
+    for each variant and shape, agreement with the XLA chunk form (float32) first, then the forward+backward time
+    (bf16 x, B, C)."""
+    saved = pk.BWD_BLOCK_P, pk.BWD_WARPS
     try:
         for name, b, t, h, p, n in shapes:
             inp = make_inputs(b, t, h, p, n)
             bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
             args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
                     jnp.asarray(inp["dt_bias"]), jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
-            for block in (32, 64, 128):
+            for block, warps in ((64, 8), (64, 4), (128, 4), (128, 8), (32, 4)):
                 if block > p:
                     continue
-                pk.BWD_BLOCK_P = block
-                row = {"kind": "bwd_block", "shape": name, "bwd_block_p": block}
+                pk.BWD_BLOCK_P, pk.BWD_WARPS = block, warps
+                row = {"kind": "bwd_block", "shape": name, "bwd_block_p": block, "bwd_warps": warps}
                 agreement(inp, row)
                 if row["agree"]:
                     row["ours_fwdbwd_ms"] = time_jax(op_fns("pallas")[1], *args, reps=reps)
-                log(f"{name} bwd block_p {block}:", {k: v for k, v in row.items() if k.endswith("ms")})
+                log(f"{name} bwd block_p {block} warps {warps}:", {k: v for k, v in row.items() if k.endswith("ms")})
                 ROWS.append(row)
                 save()
     finally:
-        pk.BWD_BLOCK_P = saved
+        pk.BWD_BLOCK_P, pk.BWD_WARPS = saved
 
 
 def main():
@@ -269,7 +270,8 @@ def main():
     ap.add_argument("--stages-only", action="store_true",
                     help="only the pipelining-stages sweep at the first shape (sweep_stages), no bench shapes")
     ap.add_argument("--bwd-blocks-only", action="store_true",
-                    help="the chunk-parallel backward's P block (ssd.BWD_BLOCK_P 32/64/128): agreement, then fwd+bwd")
+                    help="the chunk-parallel backward's P block and warps (ssd.BWD_BLOCK_P, BWD_WARPS): agreement, "
+                         "then fwd+bwd")
     ap.add_argument("--knobs-only", action="store_true",
                     help="only the kernel chunk x block_p sweep (sweep), at the first two shapes")
     args = ap.parse_args()

@@ -43,7 +43,9 @@ from pallas_kernels.common import dot as _dot, dot_nt as _dot_nt, dot_tn as _dot
 KERNEL_CHUNK = 64
 DEFAULT_BLOCK_P = 32  # B1 H16 P128: 64 programs; smaller blocks add programs but recompute C B^T per block
 FWD_WARPS = 4
-BWD_WARPS = 8
+# Warps of the chunk-parallel backward kernel (H100 fwd+bwd, P block 64: 4 warps 7.69 / 5.35 ms vs 8 warps 8.05 /
+# 5.46 at P 128 / 64; one timing each, seventh session).
+BWD_WARPS = 4
 # Triton pipelining stages of the forward's chunk loop. H100, B1 T32768 H16 P128 N128 (64 programs; `bench_ssd.py
 # --stages-only`, fifth session): forward 1 stage 1.43 ms, 2: 1.32, 3: 0.94-1.04, 4: 1.14; backward stages 2-3 cost
 # (fwd+bwd 15.1 -> 17.2 ms). As in the delta rule's forward, the extra stage is taken only where programs are few
@@ -54,7 +56,8 @@ FWD_STAGES_MAX_PROGRAMS = FEW_PROGRAMS
 BWD_STAGES = 1
 BWD_SWEEP_STAGES = 2  # the backward's state sweep (a loop of one small product per chunk)
 # P block of the chunk-parallel backward kernel (its grid is large already, so wider blocks only cut the recomputed
-# C B^T and the per-block partial sums of dB, dC); the state sweep keeps the forward's block_p.
+# C B^T and the per-block partial sums of dB, dC); the state sweep keeps the forward's block_p. H100 fwd+bwd at
+# B1 T32768 H16 P128 (8 warps): 32 8.97 ms, 64 7.88, 128 8.77; P64: 32 6.02, 64 5.36.
 BWD_BLOCK_P = 64
 
 
