@@ -63,7 +63,7 @@ class _Config:
     lazy_rescale: bool  # forward: rescale the accumulator only when a row max grows by more than _RESCALE_SLACK
     forward: str  # "triton": _fwd_kernel; "mosaic": swa_attention_mgpu (Hopper wgmma, warp-specialised)
     backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
-    mosaic_switches: tuple  # (schedule_dq, schedule_dkv, paired_dkv, fused_dq, dkv_registers) of the Mosaic backward
+    mosaic_switches: tuple  # ((MgpuBwdConfig field, value), ...): the Mosaic backward's module switches
     persistent_ctas: int  # Mosaic forward: CTAs of its persistent grid (0: one per tile), from its module switch
     interpret: bool
 
@@ -322,9 +322,7 @@ def _backward(q, k, v, o, lse, do, dlse, cfg: _Config):
         return mgpu.backward(q, k, v, o, lse, do, dlse, mgpu.MgpuBwdConfig(
             window=cfg.window, sinks=cfg.sinks, scale=cfg.scale, block_kv_dq=cfg.block_k_dq,
             stages_dq=cfg.num_stages_dq, block_q_dkv=cfg.block_q_bwd, stages_dkv=cfg.num_stages_bwd,
-            schedule_dq=cfg.mosaic_switches[0], schedule_dkv=cfg.mosaic_switches[1],
-            paired_dkv=cfg.mosaic_switches[2], fused_dq=cfg.mosaic_switches[3], dkv_registers=cfg.mosaic_switches[4],
-            interpret=cfg.interpret))
+            interpret=cfg.interpret, **dict(cfg.mosaic_switches)))
     pl = _pallas()
     b, tp, hq, d = q.shape
     hkv = k.shape[2]
@@ -484,14 +482,17 @@ def _persistent_ctas(forward, window, interpret):
 
 
 def _mosaic_switches(backward, d, block_q_bwd, interpret):
+    """The Mosaic backward's module switches as (MgpuBwdConfig field, value) pairs (hashable, for the static
+    config); none for the Triton backward."""
     if backward != "mosaic":
-        return (False, False, False, False, 0)
+        return ()
     from pallas_kernels import swa_attention_mgpu as mgpu
 
     fused = mgpu.BWD_FUSED_DQ
     if fused == "auto":
         fused = mgpu.fused_dq_supported(d, block_q_bwd, interpret)
-    return (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, bool(fused), mgpu.BWD_DKV_REGISTERS)
+    return (("schedule_dq", mgpu.BWD_SCHEDULE_DQ), ("schedule_dkv", mgpu.BWD_SCHEDULE_DKV),
+            ("paired_dkv", mgpu.BWD_PAIRED_DKV), ("fused_dq", bool(fused)), ("dkv_registers", mgpu.BWD_DKV_REGISTERS))
 
 
 def _check_block(name, value):

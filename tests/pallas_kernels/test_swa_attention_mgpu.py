@@ -192,13 +192,16 @@ def test_fused_dq_rule(monkeypatch):
     config it cannot run raises."""
     from pallas_kernels import swa_attention as tri
 
-    assert tri._mosaic_switches("mosaic", 128, 64, False)[3] is False
+    def fused(*args):
+        return dict(tri._mosaic_switches(*args))["fused_dq"]
+
+    assert fused("mosaic", 128, 64, False) is False
     monkeypatch.setattr(mgpu, "BWD_FUSED_DQ", "auto")
-    assert tri._mosaic_switches("mosaic", 128, 64, False)[3] is True
-    assert tri._mosaic_switches("mosaic", 64, 64, False)[3] is False
-    assert tri._mosaic_switches("mosaic", 128, 128, False)[3] is False
-    assert tri._mosaic_switches("mosaic", 64, 64, True)[3] is True
-    assert tri._mosaic_switches("triton", 128, 64, False) == (False,) * 4 + (0,)
+    assert fused("mosaic", 128, 64, False) is True
+    assert fused("mosaic", 64, 64, False) is False
+    assert fused("mosaic", 128, 128, False) is False
+    assert fused("mosaic", 64, 64, True) is True
+    assert tri._mosaic_switches("triton", 128, 64, False) == ()  # the Mosaic backward's switches only
     q, k, v, _, _ = _inputs(0, 1, 128, 2, 1, 64, jnp.bfloat16)
     lse = jnp.zeros((1, 2, 128), jnp.float32)
     cfg = mgpu.MgpuBwdConfig(window=8, sinks=0, scale=0.125, fused_dq=True)
