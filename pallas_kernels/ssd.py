@@ -71,12 +71,18 @@ def _pl():
     return pl
 
 
+def _chunk_total(a, chunk):
+    """(a_L, the mask of the last row) from the chunk-local cumulative log decay a [L]: a masked sum, since the
+    kernels cannot index a vector by position."""
+    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    return jnp.sum(jnp.where(is_last, a, 0.0)), is_last
+
+
 def _chunk_decays(a, chunk):
     """From the chunk-local cumulative log decay a [L]: a_L (scalar), the masked decay matrix E_ij = e^{a_i - a_j}
-    (j <= i, else 0) and the causal mask."""
+    (j <= i, else 0) and the last-row mask."""
     causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    a_last = jnp.sum(jnp.where(is_last, a, 0.0))
+    a_last, is_last = _chunk_total(a, chunk)
     # Mask before exp: above the diagonal a_i - a_j >= 0 grows and could overflow.
     decay = jnp.where(causal, jnp.exp(jnp.where(causal, a[:, None] - a[None, :], 0.0)), 0.0)
     return a_last, decay, is_last
@@ -125,7 +131,7 @@ def _dstate_kernel(a_ref, c_ref, dy_ref, dht_ref, dst_ref, dh0_ref, *, chunk, n_
         ts = pl.ds(c * chunk, chunk)
         dst_ref[b, h, c, ps, :] = ds1
         a = a_ref[b, h, ts]
-        a_last, _, _ = _chunk_decays(a, chunk)
+        a_last, _ = _chunk_total(a, chunk)
         dy_e = dy_ref[b, ts, h, ps].astype(F32) * jnp.exp(a)[:, None]
         return jnp.exp(a_last) * ds1 + _dot_tn(dy_e, c_ref[b, ts, grp, :].astype(F32), cdt)
 
@@ -215,7 +221,7 @@ def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, int
         sweep, out_shape=(jax.ShapeDtypeStruct((b, h, n, p, n_state), F32), jax.ShapeDtypeStruct((b, h, p, n_state), F32)),
         grid=(b, h, n_p), interpret=interpret, compiler_params=triton_params(FWD_WARPS, BWD_SWEEP_STAGES),
         name="ssd_bwd_states")(a_hm, cm, dy, dht)
-    if p % min(p, BWD_BLOCK_P) == 0:
+    if p % min(p, BWD_BLOCK_P) == 0:  # the chunk-parallel kernel's own P block where it divides P
         block_p = min(p, BWD_BLOCK_P)
         n_p = p // block_p
     out_shape = (jax.ShapeDtypeStruct((b, t, h, p), F32),
