@@ -2,8 +2,7 @@
 
 Development runs jax 0.10.2 + flax 0.12.8 on CPU; the GPU machine runs jax 0.11.2 + flax 0.12.10. Code elsewhere calls
 the helpers below instead of testing versions itself. The one exception is the kernel layer: pallas_kernels imports
-only jax and numpy, so its own few shims (the Mosaic GPU interpreter, plgpu.load's signature) are in
-pallas_kernels/compat.py.
+only jax and numpy, so its own few shims (for its Mosaic GPU kernels) are in pallas_kernels/compat.py.
 """
 
 from __future__ import annotations
