@@ -67,6 +67,14 @@ def make_inputs(b, t, h, p, n, seed=0):
                 cot_s=rng.standard_normal((b, h, p, n), dtype=np.float32))
 
 
+def timing_inputs(inp):
+    """The timed calls' operands: (x, dt, A, B, C, dt_bias) with x, B, C in bf16, and the cotangents (cot, cot_s)."""
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
+            jnp.asarray(inp["dt_bias"])]
+    return args, [jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+
+
 def op_fns(impl):
     """(forward, forward+backward) of ops.ssd with this impl, jitted."""
     def fwd(x, dt, A, B, C, dt_bias):
@@ -97,10 +105,7 @@ def bench_shape(name, b, t, h, p, n, reps, with_fla):
     row = {"kind": "bench", "shape": name}
     inp = make_inputs(b, t, h, p, n)
     agreement(inp, row)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
-            jnp.asarray(inp["dt_bias"])]
-    cots = [jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+    args, cots = timing_inputs(inp)
     for impl, key in (("pallas", "ours"), ("chunk", "xla")):
         try:
             fwd, fb = op_fns(impl)
@@ -188,9 +193,8 @@ def sweep_stages(shape, reps):
     forward and forward+backward times, outputs and gradients compared with the module defaults' first."""
     name, b, t, h, p, n = shape
     inp = make_inputs(b, t, h, p, n, seed=2)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
-            jnp.asarray(inp["dt_bias"]), jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+    args, cots = timing_inputs(inp)
+    args = args + cots
     ref = None
     defaults = (pk.FWD_STAGES, pk.BWD_STAGES)
     for fwd_stages, bwd_stages in ((defaults[0], defaults[1]), (1, 1), (3, 1), (4, 1), (3, 2), (3, 3)):
@@ -245,9 +249,7 @@ def bwd_blocks(shapes, reps):
     try:
         for name, b, t, h, p, n in shapes:
             inp = make_inputs(b, t, h, p, n)
-            bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-            args = [bf(inp["x"]), jnp.asarray(inp["dt"]), jnp.asarray(inp["A"]), bf(inp["B"]), bf(inp["C"]),
-                    jnp.asarray(inp["dt_bias"]), jnp.asarray(inp["cot"]), jnp.asarray(inp["cot_s"])]
+            args, cots = timing_inputs(inp)
             for block, warps in ((64, 8), (64, 4), (128, 4), (128, 8), (32, 4)):
                 if block > p:
                     continue
@@ -255,7 +257,7 @@ def bwd_blocks(shapes, reps):
                 row = {"kind": "bwd_block", "shape": name, "bwd_block_p": block, "bwd_warps": warps}
                 agreement(inp, row)
                 if row["agree"]:
-                    row["ours_fwdbwd_ms"] = time_jax(op_fns("pallas")[1], *args, reps=reps)
+                    row["ours_fwdbwd_ms"] = time_jax(op_fns("pallas")[1], *args, *cots, reps=reps)
                 log(f"{name} bwd block_p {block} warps {warps}:", {k: v for k, v in row.items() if k.endswith("ms")})
                 ROWS.append(row)
                 save()

@@ -16,10 +16,9 @@ import os
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from bench_delta_rule import device_inputs, make_inputs as delta_inputs, ours_fns
-from bench_ssd import make_inputs as ssd_inputs, op_fns
+from bench_ssd import make_inputs as ssd_inputs, op_fns, timing_inputs
 from trace_summary import summarize_dir
 
 
@@ -44,11 +43,8 @@ def main():
     q, k, v, g, beta, cot = device_inputs(delta_inputs(1, opts.t, 16, 128), gated=True)
     report["gated_delta_rule_fwd_bwd"] = profile(ours_fns(128, True)[1], (q, k, v, g, beta, cot), opts.calls)
 
-    x = ssd_inputs(1, opts.t, 16, 128, 128)
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
-    args = [bf(x["x"]), jnp.asarray(x["dt"]), jnp.asarray(x["A"]), bf(x["B"]), bf(x["C"]), jnp.asarray(x["dt_bias"]),
-            jnp.asarray(x["cot"]), jnp.asarray(x["cot_s"])]
-    report["ssd_fwd_bwd"] = profile(op_fns("pallas")[1], args, opts.calls)
+    args, cots = timing_inputs(ssd_inputs(1, opts.t, 16, 128, 128))
+    report["ssd_fwd_bwd"] = profile(op_fns("pallas")[1], args + cots, opts.calls)
 
     out = os.environ.get("OUT", ".")
     os.makedirs(out, exist_ok=True)
