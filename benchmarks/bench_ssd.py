@@ -189,8 +189,8 @@ def sweep(shape, reps, budget_s=None):
 
 
 def sweep_stages(shape, reps):
-    """Triton pipelining stages of the forward and backward kernels (ssd.FWD_STAGES / BWD_STAGES) at one shape:
-    forward and forward+backward times, outputs and gradients compared with the module defaults' first."""
+    """Triton pipelining stages of the forward kernel and the backward's dS sweep (ssd.FWD_STAGES / BWD_STAGES) at one
+    shape: forward and forward+backward times, outputs and gradients compared with the module defaults' first."""
     name, b, t, h, p, n = shape
     inp = make_inputs(b, t, h, p, n, seed=2)
     args, cots = timing_inputs(inp)

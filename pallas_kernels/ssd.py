@@ -47,14 +47,16 @@ FWD_WARPS = 4
 # 5.46 at P 128 / 64; one timing each, seventh session).
 BWD_WARPS = 4
 # Triton pipelining stages of the forward's chunk loop. H100, B1 T32768 H16 P128 N128 (64 programs; `bench_ssd.py
-# --stages-only`, fifth session): forward 1 stage 1.43 ms, 2: 1.32, 3: 0.94-1.04, 4: 1.14; backward stages 2-3 cost
-# (fwd+bwd 15.1 -> 17.2 ms). As in the delta rule's forward, the extra stage is taken only where programs are few
-# (common.FEW_PROGRAMS) and the state is at most 128 wide (untested above: its buffers double).
+# --stages-only`, fifth session): forward 1 stage 1.43 ms, 2: 1.32, 3: 0.94-1.04, 4: 1.14. As in the delta rule's
+# forward, the extra stage is taken only where programs are few (common.FEW_PROGRAMS) and the state is at most 128
+# wide (untested above: its buffers double).
 FWD_STAGES = 3
 FWD_STAGES_WIDE = 2
 FWD_STAGES_MAX_PROGRAMS = FEW_PROGRAMS
-BWD_STAGES = 1
-BWD_SWEEP_STAGES = 2  # the backward's state sweep (a loop of one small product per chunk)
+# Stages of the backward's dS sweep (a loop of one small product per chunk). 2 is what the seventh session's timings
+# ran with, not compared with 1 or 3 (the fifth session's 1 was measured for the old sweep that held every
+# gradient). The chunk-parallel kernel has no loop to pipeline.
+BWD_STAGES = 2
 # P block of the chunk-parallel backward kernel (its grid is large already, so wider blocks only cut the recomputed
 # C B^T and the per-block partial sums of dB, dC); the state sweep keeps the forward's block_p. H100 fwd+bwd at
 # B1 T32768 H16 P128 (8 warps): 32 8.97 ms, 64 7.88, 128 8.77; P64: 32 6.02, 64 5.36.
@@ -219,7 +221,7 @@ def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, int
     sweep = functools.partial(_dstate_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
     dstates, dh0 = pl.pallas_call(
         sweep, out_shape=(jax.ShapeDtypeStruct((b, h, n, p, n_state), F32), jax.ShapeDtypeStruct((b, h, p, n_state), F32)),
-        grid=(b, h, n_p), interpret=interpret, compiler_params=triton_params(FWD_WARPS, BWD_SWEEP_STAGES),
+        grid=(b, h, n_p), interpret=interpret, compiler_params=triton_params(FWD_WARPS, BWD_STAGES),
         name="ssd_bwd_states")(a_hm, cm, dy, dht)
     if p % min(p, BWD_BLOCK_P) == 0:  # the chunk-parallel kernel's own P block where it divides P
         block_p = min(p, BWD_BLOCK_P)
@@ -232,7 +234,7 @@ def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, int
     kernel = functools.partial(_bwd_kernel, chunk=chunk, block_p=block_p, heads_per_group=h // g)
     dx, db, dc, dd, da = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, n_p, n), interpret=interpret,
-        compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states,
+        compiler_params=triton_params(BWD_WARPS, 1), name="ssd_bwd")(x, d_hm, a_hm, bm, cm, states,
                                                                                dstates, dy)
     return dx, db.sum(0), dc.sum(0), dd.sum(0), da.sum(0), dh0
 
