@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels import delta_rule as pk  # noqa: E402
 from pallas_kernels import delta_rule_wy as wy  # noqa: E402
 from pallas_kernels.common import chunk_cumsum, wy_factors, wy_factors_and_vjp  # noqa: E402
-from bench_util import rel, time_jax  # noqa: E402
+from bench_util import forward_backward, rel, time_jax  # noqa: E402
 
 START = time.time()
 CHUNK = 64
@@ -105,8 +105,9 @@ def ours_fns(d, gated):
         return pk.gated_delta_rule(q, k, v, g, beta, scale=d ** -0.5, chunk_size=CHUNK)[0]
 
     argn = (0, 1, 2, 3, 4) if gated else (0, 1, 2, 4)
-    fb = jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(ours(q, k, v, g, beta).astype(jnp.float32) * cot), argn)
-    return jax.jit(ours), jax.jit(fb)
+    fb = forward_backward(lambda q, k, v, g, beta, cot: jnp.sum(ours(q, k, v, g, beta).astype(jnp.float32) * cot),
+                          argn)
+    return jax.jit(ours), fb
 
 
 def grad_names(gated):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ahn_jax.ops import delta_rule, gated_delta_rule
-from bench_util import time_jax
+from bench_util import forward_backward, time_jax
 
 
 
@@ -72,8 +72,8 @@ def main():
             row[f"{impl}_rel_err_vs_fla"] = float(np.linalg.norm(o - o_fla) / np.linalg.norm(o_fla))
             row[f"{impl}_fwd_ms"] = time_jax(f, jq, jk, jv, jg, jb, reps=5, warmup=1)
             if impl == "chunk":
-                grad = jax.jit(jax.grad(lambda q, k, v, g, b: jnp.sum(f(q, k, v, g, b).astype(jnp.float32)),
-                                        argnums=(0, 1, 2, 3, 4)))
+                grad = forward_backward(lambda q, k, v, g, b: jnp.sum(f(q, k, v, g, b).astype(jnp.float32)),
+                                        (0, 1, 2, 3, 4))
                 row["chunk_fwdbwd_ms"] = time_jax(grad, jq, jk, jv, jg, jb, reps=5, warmup=1)
         rows.append(row)
         print(row, flush=True)

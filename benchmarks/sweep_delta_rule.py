@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_util import rel, time_jax  # noqa: E402
+from bench_util import forward_backward, rel, time_jax  # noqa: E402
 from pallas_kernels import delta_rule as pk  # noqa: E402
 from pallas_kernels import delta_rule_wy as wy  # noqa: E402
 from pallas_kernels.common import chunk_cumsum, wy_factors  # noqa: E402
@@ -150,9 +150,9 @@ def backward_variants(out, q, k, v, g, beta, x, d, interp):
     for name, knobs in BWD_VARIANTS:
         row = {"variant": name, "knobs": knobs}
         with variant(knobs, row):
-            fb = jax.jit(jax.grad(lambda q, k, v, g, beta, cot: jnp.sum(pk.gated_delta_rule(
+            fb = forward_backward(lambda q, k, v, g, beta, cot: jnp.sum(pk.gated_delta_rule(
                 q, k, v, g, beta, scale=d ** -0.5, interpret=interp or None)[0].astype(jnp.float32) * cot),
-                (0, 1, 2, 3, 4)))
+                (0, 1, 2, 3, 4))
             grads = fb(q, k, v, g, beta, cot)
             first = grads if first is None else first
             row["grad_rel_err"] = max(rel(a, b) for a, b in zip(grads, first))
