@@ -11,7 +11,8 @@ Plan (see benchmarks/NOTES_delta_rule.md):
       The recurrence is independent per value column given W, so splitting V multiplies the parallelism beyond B*H
       for batch-1 long sequences, and no per-chunk state goes through HBM in the forward.
   Backward (default WY_BWD = "explicit"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
-  per chunk with matmuls), the forward kernel rerun to save each chunk's start state, a sequential kernel sweeping the
+  per chunk with matmuls), a states-only rerun of the forward recurrence saving each chunk's start state, the
+  intra-chunk scores once in XLA, a sequential kernel sweeping the
   chunks in reverse carrying dS (split over V) that writes du', u' and each chunk's dS, a kernel parallel over chunks
   forming dq, dk, dw with the V blocks summed on chip, and the WY preparation's matmul-only VJP from the same T
   (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
@@ -85,15 +86,14 @@ def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
     return gcv, g_last, gamma_mat
 
 
-def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states, has_attn):
+def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, has_attn):
     pl = pallas_module()
     refs = list(refs)
     q_ref, k_ref, w_ref, u_ref = refs[:4]
     gc_ref = refs[4] if gated else None
     rest = refs[5:] if gated else refs[4:]
     attn_ref = rest.pop(0) if has_attn else None
-    h0_ref, o_ref, ht_ref = rest[:3]
-    st_ref = rest[3] if save_states else None
+    h0_ref, o_ref, ht_ref = rest
 
     b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(iv * block_v, block_v)
@@ -103,8 +103,6 @@ def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states, has_
 
     def body(c, s):
         ts = pl.ds(c * chunk, chunk)
-        if save_states:
-            st_ref[b, h, c, :, vs] = s
         q = q_ref[b, ts, h, :].astype(F32)
         k = k_ref[b, ts, h, :].astype(F32)
         w = w_ref[b, ts, h, :]
@@ -132,6 +130,34 @@ def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, save_states, has_
     ht_ref[b, h, :, vs] = s
 
 
+def _states_kernel(*refs, chunk, n_chunks, block_v, gated):
+    """Each chunk's start state, for the backward: the forward's recurrence without its output (no q, no scores, no
+    o), so the per-chunk chain is two small products: u' = U - W S, S = e^{g_last} S + (K * e^{g_last - gc})^T u'."""
+    pl = pallas_module()
+    refs = list(refs)
+    k_ref, w_ref, u_ref = refs[:3]
+    gc_ref = refs[3] if gated else None
+    h0_ref, st_ref = refs[4:] if gated else refs[3:]
+
+    b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    vs = pl.ds(iv * block_v, block_v)
+    cdt = k_ref.dtype
+    is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+
+    def body(c, s):
+        ts = pl.ds(c * chunk, chunk)
+        st_ref[b, h, c, :, vs] = s
+        k = k_ref[b, ts, h, :].astype(F32)
+        u_new = u_ref[b, ts, h, vs].astype(F32) - dot(w_ref[b, ts, h, :], s, cdt)
+        if gated:
+            gcv = gc_ref[b, h, ts]
+            g_last = jnp.sum(jnp.where(is_last, gcv, 0.0))
+            k, s = k * jnp.exp(g_last - gcv)[:, None], s * jnp.exp(g_last)
+        return s + dot_tn(k, u_new, cdt)
+
+    lax.fori_loop(0, n_chunks, body, h0_ref[b, h, :, vs].astype(F32))
+
+
 def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
     reverse and writes du' (d u'), u' (q's dtype), each chunk's dS (q's dtype: only ever used as a dot operand) and
@@ -142,14 +168,13 @@ def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
     q_ref, k_ref, w_ref, u_ref = refs[:4]
     gc_ref = refs[4] if gated else None
     rest = refs[5:] if gated else refs[4:]
-    st_ref, do_ref, dht_ref, du_ref, un_ref, dst_ref = rest[:6]
-    dgs_ref = rest[6] if gated else None
+    attn_ref, st_ref, do_ref, dht_ref, du_ref, un_ref, dst_ref = rest[:7]
+    dgs_ref = rest[7] if gated else None
     dh0_ref = rest[-1]
 
     b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(iv * block_v, block_v)
     cdt = q_ref.dtype
-    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
     is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
 
     def body(i, ds):
@@ -162,14 +187,14 @@ def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
         do = do_ref[b, ts, h, vs].astype(F32) * scale
         u_new = u_ref[b, ts, h, vs].astype(F32) - dot(w, s, cdt)
         if gated:
-            gcv, g_last, gamma_mat = _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)
+            gcv = gc_ref[b, h, ts]
+            g_last = jnp.sum(jnp.where(is_last, gcv, 0.0))
             q_dec, k_dec, s_decay = q * jnp.exp(gcv)[:, None], k * jnp.exp(g_last - gcv)[:, None], jnp.exp(g_last)
             dgs_ref[iv, b, h, ts] = jnp.where(is_last, s_decay * jnp.sum(ds * s), 0.0)  # on the chunk's last row
         else:
-            gamma_mat = jnp.where(causal, 1.0, 0.0)
             q_dec, k_dec, s_decay = q, k, 1.0
-        attn = dot_nt(q, k, cdt) * gamma_mat
-        du_new = dot_tn(attn, do, cdt) + dot(k_dec, ds, cdt)
+        # The masked, decayed scores come precomputed (chunk_scores): once per chunk, not once per V block.
+        du_new = dot_tn(attn_ref[b, h, ts, :], do, cdt) + dot(k_dec, ds, cdt)
         dst_ref[b, h, c, :, vs] = ds.astype(dst_ref.dtype)
         un_ref[b, ts, h, vs] = u_new.astype(un_ref.dtype)
         du_ref[b, ts, h, vs] = du_new.astype(du_ref.dtype)
@@ -240,30 +265,63 @@ def _pick_block_v(dv: int, block_v):
     return block_v
 
 
-def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, save_states, attn=None):
+def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, attn=None):
     pl = pallas_module()
     b, t, h, dk = q.shape
     dv = u.shape[-1]
     n = t // chunk
     gated = gc is not None
-    out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), u.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), F32)]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), F32))
+    out_shape = (jax.ShapeDtypeStruct((b, t, h, dv), u.dtype), jax.ShapeDtypeStruct((b, h, dk, dv), F32))
     kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated,
-                               save_states=save_states, has_attn=attn is not None)
+                               has_attn=attn is not None)
     args = [q, k, w, u] + ([gc] if gated else []) + ([] if attn is None else [attn]) + [h0]
-    outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, dv // block_v), interpret=interpret,
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, dv // block_v), interpret=interpret,
                           compiler_params=triton_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS,
                                                         _fwd_stages(b * h * (dv // block_v), dk)),
                           name="delta_rule_fwd")(*args)
-    return outs
+
+
+def _run_states(k, w, u, gc, h0, *, chunk, block_v, interpret):
+    """Each chunk's start state [B, H, N, K, V] float32 (the backward's recompute; never stored by the forward)."""
+    pl = pallas_module()
+    b, t, h, dk = k.shape
+    dv = u.shape[-1]
+    n = t // chunk
+    gated = gc is not None
+    kernel = functools.partial(_states_kernel, chunk=chunk, n_chunks=n, block_v=block_v, gated=gated)
+    args = [k, w, u] + ([gc] if gated else []) + [h0]
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), grid=(b, h, dv // block_v),
+                          interpret=interpret,
+                          compiler_params=triton_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS,
+                                                        _fwd_stages(b * h * (dv // block_v), dk)),
+                          name="delta_rule_states")(*args)
+
+
+def chunk_scores(q, k, gc, chunk):
+    """The intra-chunk scores mask(q_t . k_s e^{gc_t - gc_s}) (s <= t, both in one chunk) as [B, H, T, chunk] in
+    q's dtype, the layout and rounding of the WY kernel's `attn` output: one XLA batched product for the backward's
+    sweep, which would otherwise recompute them for every V block. q, k: [B, T, H, K], T a multiple of chunk; gc:
+    [B, H, T] float32 or None."""
+    b, t, h, d = q.shape
+    n = t // chunk
+    scores = jnp.einsum("bnihd,bnjhd->bhnij", q.reshape(b, n, chunk, h, d), k.reshape(b, n, chunk, h, d),
+                        preferred_element_type=F32)
+    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
+    if gc is None:
+        scores = jnp.where(causal, scores, 0.0)
+    else:
+        g = gc.reshape(b, h, n, chunk)
+        # Mask before exp: above the diagonal gc_t - gc_s > 0 could overflow.
+        diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)
+        scores = jnp.where(causal, scores * jnp.exp(diff), 0.0)
+    return scores.reshape(b, h, t, chunk).astype(q.dtype)
 
 
 def _divisor_block(n: int, want: int) -> int:
     return want if n % want == 0 else n
 
 
-def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_v, interpret):
+def _run_backward_split(q, k, w, u, gc, attn, states, do, dht, *, chunk, scale, block_v, interpret):
     """The backward's kernels: sequential sweep (grid B, H, V/block_v) then dq/dk/dw/dgc parallel over chunks (grid
     B, H, chunk, K/DQKW_BLOCK_K). -> (dq, dk (direct part), dw, du [B, T, H, *] float32, dgc [B, H, T] float32 or None,
     dh0 [B, H, K, V] float32)."""
@@ -280,7 +338,7 @@ def _run_backward_split(q, k, w, u, gc, states, do, dht, *, chunk, scale, block_
         out_shape.append(jax.ShapeDtypeStruct((nv, b, h, t), F32))
     out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
     kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
-    args = [q, k, w, u] + ([gc] if gated else []) + [states, do, dht]
+    args = [q, k, w, u] + ([gc] if gated else []) + [attn, states, do, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
                           compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="delta_rule_bwd_sweep")(*args)
     du, u_new, dstates = outs[:3]
@@ -345,7 +403,7 @@ def _core_fwd(q, k, v, g, beta, h0, chunk, scale, block_v, interpret):
     else:
         w, u, gc = _prepare(k, v, g, beta, chunk, pallas_interpret=interpret)
     o, ht = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v, interpret=interpret,
-                         save_states=False, attn=attn)
+                         attn=attn)
     return o[:, :t], ht, (q, k, v, g, beta, h0)
 
 
@@ -377,11 +435,10 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     dop, _ = pad_time(do.astype(v.dtype), chunk)
     block_v = block_v if BWD_BLOCK_V is None else _pick_block_v(v.shape[-1], BWD_BLOCK_V)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
-    _, _, states = _run_forward(qp, kp, w, u, gc, h0, chunk=chunk, scale=scale, block_v=block_v,
-                                interpret=interpret, save_states=True)
-    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, states, dop, dht.astype(F32),
-                                                          chunk=chunk, scale=scale, block_v=block_v,
-                                                          interpret=interpret)
+    states = _run_states(kp, w, u, gc, h0, chunk=chunk, block_v=block_v, interpret=interpret)
+    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, chunk_scores(qp, kp, gc, chunk), states,
+                                                          dop, dht.astype(F32), chunk=chunk, scale=scale,
+                                                          block_v=block_v, interpret=interpret)
     if WY_BWD == "jax_vjp":
         dk_prep, dv, dg, dbeta = prep_vjp((dw.astype(w.dtype), du.astype(u.dtype), dgc))
     else:

@@ -15,13 +15,14 @@ Plan (same structure as pallas_kernels/delta_rule.py):
     d A (pallas_kernels.common.chunk_cumsum), time-major -> head-major layout of d.
   * Forward kernel, grid (B, H, P / block_p), sequential over chunks with the [block_p, N] state kept on chip: no
     per-chunk state goes through HBM. Splitting P multiplies the parallelism beyond B*H (rows of S are independent).
-  * Backward: the forward kernel is rerun to save each chunk's start state; a second kernel sweeps the chunks in
-    reverse carrying only dS (one small product per chunk; split over P the same way) and saves each chunk's end-state
-    gradient; a third, with one program per (sequence, head, P block, chunk), writes dx, dB, dC, the gradient of d as
-    a direct factor and of the cumulative decay a (the sequential sweep holding all of that ran B*H*P/block_p
-    programs: 64 at B1 H16 P128, half an H100). jax.vjp of the cheap XLA cumsum turns the latter into gradients of d
-    and A. Per-P-block partial sums (dB, dC, dd, da) and the per-head dB, dC of heads sharing a group are reduced by
-    XLA. Memory: the start states and the end-state gradients, [B, H, T/chunk, P, N] float32 each.
+  * Backward: a states-only rerun of the forward recurrence (no C, no y) saves each chunk's start state; a second
+    kernel sweeps the chunks in reverse carrying only dS (one small product per chunk; split over P the same way) and
+    saves each chunk's end-state gradient; a third, with one program per (sequence, head, P block, chunk), writes dx,
+    dB, dC, the gradient of d as a direct factor and of the cumulative decay a (the sequential sweep holding all of
+    that ran B*H*P/block_p programs: 64 at B1 H16 P128, half an H100). jax.vjp of the cheap XLA cumsum turns the
+    latter into gradients of d and A. Per-P-block partial sums (dB, dC, dd, da) and the per-head dB, dC of heads
+    sharing a group are reduced by XLA. Memory: the start states and the end-state gradients, [B, H, T/chunk, P, N]
+    float32 each.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -90,10 +91,9 @@ def _chunk_decays(a, chunk):
     return a_last, decay, is_last
 
 
-def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *maybe_st_ref, chunk, n_chunks, block_p,
-                heads_per_group, save_states):
+def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *, chunk, n_chunks, block_p,
+                heads_per_group):
     pl = _pl()
-    st_ref = maybe_st_ref[0] if save_states else None
     b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     grp = h // heads_per_group
     ps = pl.ds(ip * block_p, block_p)
@@ -101,8 +101,6 @@ def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *maybe
 
     def body(c, s):
         ts = pl.ds(c * chunk, chunk)
-        if save_states:
-            st_ref[b, h, c, ps, :] = s
         x = x_ref[b, ts, h, ps]
         d = d_ref[b, h, ts]
         a = a_ref[b, h, ts]
@@ -117,6 +115,26 @@ def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *maybe
 
     s = lax.fori_loop(0, n_chunks, body, h0_ref[b, h, ps, :].astype(F32))
     ht_ref[b, h, ps, :] = s
+
+
+def _states_kernel(x_ref, d_ref, a_ref, b_ref, h0_ref, st_ref, *, chunk, n_chunks, block_p, heads_per_group):
+    """Each chunk's start state (st [B,H,n,P,N] f32), for the backward: the forward's recurrence without its output
+    (no C, no scores, no y), S <- e^{a_L} S + (x d e^{a_L - a})^T B."""
+    pl = _pl()
+    b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    grp = h // heads_per_group
+    ps = pl.ds(ip * block_p, block_p)
+    cdt = x_ref.dtype
+
+    def body(c, s):
+        ts = pl.ds(c * chunk, chunk)
+        st_ref[b, h, c, ps, :] = s
+        a = a_ref[b, h, ts]
+        a_last, _ = _chunk_total(a, chunk)
+        x_w = x_ref[b, ts, h, ps].astype(F32) * (d_ref[b, h, ts] * jnp.exp(a_last - a))[:, None]
+        return jnp.exp(a_last) * s + _dot_tn(x_w, b_ref[b, ts, grp, :], cdt)
+
+    lax.fori_loop(0, n_chunks, body, h0_ref[b, h, ps, :].astype(F32))
 
 
 def _dstate_kernel(a_ref, c_ref, dy_ref, dht_ref, dst_ref, dh0_ref, *, chunk, n_chunks, block_p, heads_per_group):
@@ -191,22 +209,31 @@ def _bwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, st_ref, dst_ref, dy_ref,
     da_ref[ip, b, h, ts] = da
 
 
-def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret, save_states):
+def _run_forward(x, d_hm, a_hm, bm, cm, h0, *, chunk, block_p, interpret):
     """x [B,Tp,H,P]; d_hm, a_hm [B,H,Tp] f32; bm, cm [B,Tp,G,N]; h0 [B,H,P,N] f32 (Tp a multiple of chunk).
-    Returns (y [B,Tp,H,P] x.dtype, final state [B,H,P,N] f32[, chunk start states [B,H,Tp/chunk,P,N] f32])."""
+    Returns (y [B,Tp,H,P] x.dtype, final state [B,H,P,N] f32)."""
     pl = _pl()
     b, t, h, p = x.shape
     g, n_state = bm.shape[2], bm.shape[3]
     n = t // chunk
-    out_shape = [jax.ShapeDtypeStruct((b, t, h, p), x.dtype), jax.ShapeDtypeStruct((b, h, p, n_state), F32)]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, n, p, n_state), F32))
-    kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g,
-                               save_states=save_states)
-    return pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, p // block_p), interpret=interpret,
+    out_shape = (jax.ShapeDtypeStruct((b, t, h, p), x.dtype), jax.ShapeDtypeStruct((b, h, p, n_state), F32))
+    kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n, block_p=block_p, heads_per_group=h // g)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, p // block_p), interpret=interpret,
                           compiler_params=triton_params(FWD_WARPS, _fwd_stages(b * h * (p // block_p), n_state)),
-                          name="ssd_fwd")(
-        x, d_hm, a_hm, bm, cm, h0)
+                          name="ssd_fwd")(x, d_hm, a_hm, bm, cm, h0)
+
+
+def _run_states(x, d_hm, a_hm, bm, h0, *, chunk, block_p, interpret):
+    """Each chunk's start state [B,H,Tp/chunk,P,N] f32 (the backward's recompute; the forward never stores them)."""
+    pl = _pl()
+    b, t, h, p = x.shape
+    g, n_state = bm.shape[2], bm.shape[3]
+    kernel = functools.partial(_states_kernel, chunk=chunk, n_chunks=t // chunk, block_p=block_p,
+                               heads_per_group=h // g)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, h, t // chunk, p, n_state), F32),
+                          grid=(b, h, p // block_p), interpret=interpret,
+                          compiler_params=triton_params(FWD_WARPS, _fwd_stages(b * h * (p // block_p), n_state)),
+                          name="ssd_states")(x, d_hm, a_hm, bm, h0)
 
 
 def _run_backward(x, d_hm, a_hm, bm, cm, states, dy, dht, *, chunk, block_p, interpret):
@@ -261,7 +288,7 @@ def _core_fwd(x, d, A, bm, cm, h0, chunk, block_p, interpret):
     xp, dp, bp, cp = _padded_inputs(x, d, bm, cm, chunk)
     a_hm = _decay_cumsum(dp, A, chunk)
     y, ht = _run_forward(xp, dp.transpose(0, 2, 1), a_hm, bp, cp, h0, chunk=chunk, block_p=block_p,
-                         interpret=interpret, save_states=False)
+                         interpret=interpret)
     return y[:, :t], ht
 
 
@@ -278,8 +305,7 @@ def _core_vjp_bwd(chunk, block_p, interpret, res, cts):
     a_hm, cumsum_vjp = jax.vjp(lambda d_, a_: _decay_cumsum(d_, a_, chunk), dp, A)
     d_hm = dp.transpose(0, 2, 1)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
-    _, _, states = _run_forward(xp, d_hm, a_hm, bp, cp, h0, chunk=chunk, block_p=block_p, interpret=interpret,
-                                save_states=True)
+    states = _run_states(xp, d_hm, a_hm, bp, h0, chunk=chunk, block_p=block_p, interpret=interpret)
     dyp = pad_time(dy.astype(x.dtype), chunk)[0]
     dx, db, dc, dd_direct, da, dh0 = _run_backward(xp, d_hm, a_hm, bp, cp, states, dyp, dht.astype(F32),
                                                    chunk=chunk, block_p=block_p, interpret=interpret)
