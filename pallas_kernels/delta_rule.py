@@ -12,7 +12,7 @@ Plan (see benchmarks/NOTES_delta_rule.md):
       for batch-1 long sequences, and no per-chunk state goes through HBM in the forward.
   Backward (default WY_BWD = "explicit"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
   per chunk with matmuls), a states-only rerun of the forward recurrence saving each chunk's start state, the
-  intra-chunk scores once in XLA, a sequential kernel sweeping the
+  intra-chunk scores once per chunk (a small kernel), a sequential kernel sweeping the
   chunks in reverse carrying dS (split over V) that writes du', u' and each chunk's dS, a kernel parallel over chunks
   forming dq, dk, dw with the V blocks summed on chip, and the WY preparation's matmul-only VJP from the same T
   (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
@@ -297,24 +297,36 @@ def _run_states(k, w, u, gc, h0, *, chunk, block_v, interpret):
                           name="delta_rule_states")(*args)
 
 
-def chunk_scores(q, k, gc, chunk):
-    """The intra-chunk scores mask(q_t . k_s e^{gc_t - gc_s}) (s <= t, both in one chunk) as [B, H, T, chunk] in
-    q's dtype, the layout and rounding of the WY kernel's `attn` output: one XLA batched product for the backward's
-    sweep, which would otherwise recompute them for every V block. q, k: [B, T, H, K], T a multiple of chunk; gc:
-    [B, H, T] float32 or None."""
-    b, t, h, d = q.shape
-    n = t // chunk
-    scores = jnp.einsum("bnihd,bnjhd->bhnij", q.reshape(b, n, chunk, h, d), k.reshape(b, n, chunk, h, d),
-                        preferred_element_type=F32)
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    if gc is None:
-        scores = jnp.where(causal, scores, 0.0)
+def _scores_kernel(*refs, chunk, gated):
+    """One chunk's masked, decayed scores mask(q_t . k_s e^{gc_t - gc_s}), written as rows [C, C] of [B, H, T, C]."""
+    pl = pallas_module()
+    q_ref, k_ref = refs[:2]
+    gc_ref = refs[2] if gated else None
+    attn_ref = refs[-1]
+    b, h, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ts = pl.ds(c * chunk, chunk)
+    causal = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0) >= lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    scores = dot_nt(q_ref[b, ts, h, :], k_ref[b, ts, h, :], q_ref.dtype)
+    if gated:
+        is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+        scores = scores * _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last)[2]
     else:
-        g = gc.reshape(b, h, n, chunk)
-        # Mask before exp: above the diagonal gc_t - gc_s > 0 could overflow.
-        diff = jnp.where(causal, g[..., :, None] - g[..., None, :], 0.0)
-        scores = jnp.where(causal, scores * jnp.exp(diff), 0.0)
-    return scores.reshape(b, h, t, chunk).astype(q.dtype)
+        scores = jnp.where(causal, scores, 0.0)
+    attn_ref[b, h, ts, :] = scores.astype(attn_ref.dtype)
+
+
+def chunk_scores(q, k, gc, *, chunk, interpret):
+    """The intra-chunk scores (s <= t, both in t's chunk) as [B, H, T, chunk] in q's dtype, the layout and rounding
+    of the WY kernel's `attn` output, for the backward's sweep (which used to recompute them for every V block). A
+    kernel parallel over chunks reading q, k [B, T, H, K] in place: XLA's batched product needed layout copies of both
+    (~0.3 ms at B1 T32768 H16 on the H100, as much as the sweep saved). T a multiple of chunk; gc [B, H, T] or None."""
+    pl = pallas_module()
+    b, t, h, _ = q.shape
+    gated = gc is not None
+    kernel = functools.partial(_scores_kernel, chunk=chunk, gated=gated)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, h, t, chunk), q.dtype),
+                          grid=(b, h, t // chunk), interpret=interpret, compiler_params=triton_params(FWD_WARPS, 1),
+                          name="delta_rule_scores")(q, k, *([gc] if gated else []))
 
 
 def _divisor_block(n: int, want: int) -> int:
@@ -436,9 +448,10 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     block_v = block_v if BWD_BLOCK_V is None else _pick_block_v(v.shape[-1], BWD_BLOCK_V)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
     states = _run_states(kp, w, u, gc, h0, chunk=chunk, block_v=block_v, interpret=interpret)
-    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, chunk_scores(qp, kp, gc, chunk), states,
-                                                          dop, dht.astype(F32), chunk=chunk, scale=scale,
-                                                          block_v=block_v, interpret=interpret)
+    attn = chunk_scores(qp, kp, gc, chunk=chunk, interpret=interpret)
+    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, attn, states, dop, dht.astype(F32),
+                                                          chunk=chunk, scale=scale, block_v=block_v,
+                                                          interpret=interpret)
     if WY_BWD == "jax_vjp":
         dk_prep, dv, dg, dbeta = prep_vjp((dw.astype(w.dtype), du.astype(u.dtype), dgc))
     else:
