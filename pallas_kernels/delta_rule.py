@@ -10,12 +10,12 @@ Plan (see benchmarks/NOTES_delta_rule.md):
         u' = U - W S;  o = scale * (gamma*Q S + mask(Q K^T * Gamma) u');  S = e^{g_last} S + (K * e^{g_last - gc})^T u'.
       The recurrence is independent per value column given W, so splitting V multiplies the parallelism beyond B*H
       for batch-1 long sequences, and no per-chunk state goes through HBM in the forward.
-  Backward (default WY_BWD = "explicit"): W, U recomputed in XLA from T = (I + A)^-1 (formed once
-  per chunk with matmuls), a states-only rerun of the forward recurrence saving each chunk's start state, the
-  intra-chunk scores once per chunk (a small kernel), a sequential kernel sweeping the
-  chunks in reverse carrying dS (split over V) that writes du', u' and each chunk's dS, a kernel parallel over chunks
-  forming dq, dk, dw with the V blocks summed on chip, and the WY preparation's matmul-only VJP from the same T
-  (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
+  Backward (default WY_BWD = "explicit"): W, U recomputed in XLA from T = (I + A)^-1 (formed once per chunk with
+  matmuls); a states-only rerun of the forward recurrence saving each chunk's start state and u'; the intra-chunk
+  scores once per chunk (a small kernel); the sweep's dS-independent terms parallel over chunks; a sequential kernel
+  sweeping the chunks in reverse carrying dS (split over V, two small products per chunk) that writes du' and each
+  chunk's dS; a kernel parallel over chunks forming dq, dk, dw with the V blocks summed on chip; and the WY
+  preparation's matmul-only VJP from the same T (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -75,6 +75,10 @@ BWD_BLOCK_V = None
 # nothing on the H100 (gated fwd+bwd 13.12-13.88 ms vs 13.18 with 1 stage each; benchmarks/sweep_delta_rule.py).
 BWD_STAGES = 1
 DQKW_STAGES = 1
+# The kernel that forms the sweep's dS-independent terms (P = A^T dO, R = Q_dec^T dO - W^T P) before it: V block (grid
+# axis) and warps. Unmeasured choices: a [K, 64] float32 R tile is 64 registers per thread at 4 warps.
+SWEEP_LOCAL_BLOCK_V = 64
+SWEEP_LOCAL_WARPS = 4
 
 
 def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
@@ -131,13 +135,14 @@ def _fwd_kernel(*refs, chunk, n_chunks, block_v, scale, gated, has_attn):
 
 
 def _states_kernel(*refs, chunk, n_chunks, block_v, gated):
-    """Each chunk's start state, for the backward: the forward's recurrence without its output (no q, no scores, no
-    o), so the per-chunk chain is two small products: u' = U - W S, S = e^{g_last} S + (K * e^{g_last - gc})^T u'."""
+    """Each chunk's start state and u', for the backward: the forward's recurrence without its output (no q, no
+    scores, no o), so the per-chunk chain is two small products: u' = U - W S, S = e^{g_last} S + (K e^{g_last - gc})^T
+    u'. u' is stored in q's dtype (only ever a dot operand)."""
     pl = pallas_module()
     refs = list(refs)
     k_ref, w_ref, u_ref = refs[:3]
     gc_ref = refs[3] if gated else None
-    h0_ref, st_ref = refs[4:] if gated else refs[3:]
+    h0_ref, st_ref, un_ref = refs[4:] if gated else refs[3:]
 
     b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(iv * block_v, block_v)
@@ -149,6 +154,7 @@ def _states_kernel(*refs, chunk, n_chunks, block_v, gated):
         st_ref[b, h, c, :, vs] = s
         k = k_ref[b, ts, h, :].astype(F32)
         u_new = u_ref[b, ts, h, vs].astype(F32) - dot(w_ref[b, ts, h, :], s, cdt)
+        un_ref[b, ts, h, vs] = u_new.astype(un_ref.dtype)
         if gated:
             gcv = gc_ref[b, h, ts]
             g_last = jnp.sum(jnp.where(is_last, gcv, 0.0))
@@ -158,47 +164,64 @@ def _states_kernel(*refs, chunk, n_chunks, block_v, gated):
     lax.fori_loop(0, n_chunks, body, h0_ref[b, h, :, vs].astype(F32))
 
 
-def _sweep_kernel(*refs, chunk, n_chunks, block_v, scale, gated):
-    """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
-    reverse and writes du' (d u'), u' (q's dtype), each chunk's dS (q's dtype: only ever used as a dot operand) and
-    e^{g_last} sum(dS * S0) per V block on each chunk's last row (the state part of d g_last; a vector store like the
-    other outputs). dq, dk, dw and the rest of dgc: _dqkw_kernel."""
+def _sweep_local_kernel(*refs, chunk, block_v, scale, gated):
+    """The reverse sweep's terms that do not depend on dS, for one chunk and V block, parallel over chunks:
+    P = A^T dO (A the masked, decayed scores, dO scaled) and R = (Q e^{gc})^T dO - W^T P. With them the sequential
+    sweep's step is dS_prev = e^{g_last} dS + R - W^T (K_dec dS): two small products instead of five."""
     pl = pallas_module()
     refs = list(refs)
-    q_ref, k_ref, w_ref, u_ref = refs[:4]
-    gc_ref = refs[4] if gated else None
-    rest = refs[5:] if gated else refs[4:]
-    attn_ref, st_ref, do_ref, dht_ref, du_ref, un_ref, dst_ref = rest[:7]
-    dgs_ref = rest[7] if gated else None
+    q_ref, w_ref = refs[:2]
+    gc_ref = refs[2] if gated else None
+    attn_ref, do_ref, p_ref, r_ref = refs[3:] if gated else refs[2:]
+    b, h, c, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    ts = pl.ds(c * chunk, chunk)
+    vs = pl.ds(iv * block_v, block_v)
+    cdt = q_ref.dtype
+    do = do_ref[b, ts, h, vs].astype(F32) * scale
+    q = q_ref[b, ts, h, :].astype(F32)
+    if gated:
+        q = q * jnp.exp(gc_ref[b, h, ts])[:, None]
+    p = dot_tn(attn_ref[b, h, ts, :], do, cdt)
+    p_ref[b, ts, h, vs] = p
+    r_ref[b, h, c, :, vs] = dot_tn(q, do, cdt) - dot_tn(w_ref[b, ts, h, :], p, cdt)
+
+
+def _sweep_kernel(*refs, chunk, n_chunks, block_v, gated):
+    """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
+    reverse, dS_prev = e^{g_last} dS + R - W^T (K_dec dS) with R from _sweep_local_kernel, and writes du' = P + K_dec dS,
+    each chunk's dS (q's dtype: only ever used as a dot operand) and e^{g_last} sum(dS * S0) per V block on each
+    chunk's last row (the state part of d g_last; a vector store like the other outputs). dq, dk, dw and the rest of
+    dgc: _dqkw_kernel."""
+    pl = pallas_module()
+    refs = list(refs)
+    k_ref, w_ref = refs[:2]
+    gc_ref, st_ref = (refs[2], refs[3]) if gated else (None, None)
+    rest = refs[4:] if gated else refs[2:]
+    p_ref, r_ref, dht_ref, du_ref, dst_ref = rest[:5]
+    dgs_ref = rest[5] if gated else None
     dh0_ref = rest[-1]
 
     b, h, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     vs = pl.ds(iv * block_v, block_v)
-    cdt = q_ref.dtype
+    cdt = k_ref.dtype
     is_last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
 
     def body(i, ds):
         c = n_chunks - 1 - i
         ts = pl.ds(c * chunk, chunk)
-        s = st_ref[b, h, c, :, vs]
-        q = q_ref[b, ts, h, :].astype(F32)
         k = k_ref[b, ts, h, :].astype(F32)
-        w = w_ref[b, ts, h, :].astype(F32)
-        do = do_ref[b, ts, h, vs].astype(F32) * scale
-        u_new = u_ref[b, ts, h, vs].astype(F32) - dot(w, s, cdt)
         if gated:
             gcv = gc_ref[b, h, ts]
             g_last = jnp.sum(jnp.where(is_last, gcv, 0.0))
-            q_dec, k_dec, s_decay = q * jnp.exp(gcv)[:, None], k * jnp.exp(g_last - gcv)[:, None], jnp.exp(g_last)
-            dgs_ref[iv, b, h, ts] = jnp.where(is_last, s_decay * jnp.sum(ds * s), 0.0)  # on the chunk's last row
+            k, s_decay = k * jnp.exp(g_last - gcv)[:, None], jnp.exp(g_last)
+            # on the chunk's last row
+            dgs_ref[iv, b, h, ts] = jnp.where(is_last, s_decay * jnp.sum(ds * st_ref[b, h, c, :, vs]), 0.0)
         else:
-            q_dec, k_dec, s_decay = q, k, 1.0
-        # The masked, decayed scores come precomputed (chunk_scores): once per chunk, not once per V block.
-        du_new = dot_tn(attn_ref[b, h, ts, :], do, cdt) + dot(k_dec, ds, cdt)
+            s_decay = 1.0
+        kds = dot(k, ds, cdt)
         dst_ref[b, h, c, :, vs] = ds.astype(dst_ref.dtype)
-        un_ref[b, ts, h, vs] = u_new.astype(un_ref.dtype)
-        du_ref[b, ts, h, vs] = du_new.astype(du_ref.dtype)
-        return ds * s_decay + dot_tn(q_dec, do, cdt) - dot_tn(w, du_new, cdt)
+        du_ref[b, ts, h, vs] = p_ref[b, ts, h, vs] + kds
+        return ds * s_decay + r_ref[b, h, c, :, vs] - dot_tn(w_ref[b, ts, h, :], kds, cdt)
 
     ds0 = lax.fori_loop(0, n_chunks, body, dht_ref[b, h, :, vs].astype(F32))
     dh0_ref[b, h, :, vs] = ds0
@@ -282,7 +305,8 @@ def _run_forward(q, k, w, u, gc, h0, *, chunk, scale, block_v, interpret, attn=N
 
 
 def _run_states(k, w, u, gc, h0, *, chunk, block_v, interpret):
-    """Each chunk's start state [B, H, N, K, V] float32 (the backward's recompute; never stored by the forward)."""
+    """Each chunk's start state [B, H, N, K, V] float32 and u' [B, T, H, V] in k's dtype (the backward's recompute;
+    the forward never stores them)."""
     pl = pallas_module()
     b, t, h, dk = k.shape
     dv = u.shape[-1]
@@ -290,8 +314,8 @@ def _run_states(k, w, u, gc, h0, *, chunk, block_v, interpret):
     gated = gc is not None
     kernel = functools.partial(_states_kernel, chunk=chunk, n_chunks=n, block_v=block_v, gated=gated)
     args = [k, w, u] + ([gc] if gated else []) + [h0]
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), grid=(b, h, dv // block_v),
-                          interpret=interpret,
+    out_shape = (jax.ShapeDtypeStruct((b, h, n, dk, dv), F32), jax.ShapeDtypeStruct((b, t, h, dv), k.dtype))
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=(b, h, dv // block_v), interpret=interpret,
                           compiler_params=triton_params(FWD_WARPS if dk <= 128 else 2 * FWD_WARPS,
                                                         _fwd_stages(b * h * (dv // block_v), dk)),
                           name="delta_rule_states")(*args)
@@ -333,27 +357,36 @@ def _divisor_block(n: int, want: int) -> int:
     return want if n % want == 0 else n
 
 
-def _run_backward_split(q, k, w, u, gc, attn, states, do, dht, *, chunk, scale, block_v, interpret):
-    """The backward's kernels: sequential sweep (grid B, H, V/block_v) then dq/dk/dw/dgc parallel over chunks (grid
-    B, H, chunk, K/DQKW_BLOCK_K). -> (dq, dk (direct part), dw, du [B, T, H, *] float32, dgc [B, H, T] float32 or None,
-    dh0 [B, H, K, V] float32)."""
+def _run_backward_split(q, k, w, u_new, gc, attn, states, do, dht, *, chunk, scale, block_v, interpret):
+    """The backward's kernels: the dS-independent terms parallel over chunks (grid B, H, chunk, V/SWEEP_LOCAL_BLOCK_V),
+    the sequential sweep (grid B, H, V/block_v), then dq/dk/dw/dgc parallel over chunks (grid B, H, chunk,
+    K/DQKW_BLOCK_K). -> (dq, dk (direct part), dw, du [B, T, H, *] float32, dgc [B, H, T] float32 or None, dh0 [B, H,
+    K, V] float32)."""
     pl = pallas_module()
     b, t, h, dk = q.shape
-    dv = u.shape[-1]
+    dv = u_new.shape[-1]
     n = t // chunk
     nv = dv // block_v
     gated = gc is not None
     cdt = q.dtype
-    out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), F32), jax.ShapeDtypeStruct((b, t, h, dv), cdt),
-                 jax.ShapeDtypeStruct((b, h, n, dk, dv), cdt)]
+    gates = [gc] if gated else []
+
+    block_local = _divisor_block(dv, SWEEP_LOCAL_BLOCK_V)
+    kernel = functools.partial(_sweep_local_kernel, chunk=chunk, block_v=block_local, scale=scale, gated=gated)
+    p_term, r_term = pl.pallas_call(
+        kernel, out_shape=(jax.ShapeDtypeStruct((b, t, h, dv), F32), jax.ShapeDtypeStruct((b, h, n, dk, dv), F32)),
+        grid=(b, h, n, dv // block_local), interpret=interpret, compiler_params=triton_params(SWEEP_LOCAL_WARPS, 1),
+        name="delta_rule_bwd_local")(q, w, *gates, attn, do)
+
+    out_shape = [jax.ShapeDtypeStruct((b, t, h, dv), F32), jax.ShapeDtypeStruct((b, h, n, dk, dv), cdt)]
     if gated:
         out_shape.append(jax.ShapeDtypeStruct((nv, b, h, t), F32))
     out_shape.append(jax.ShapeDtypeStruct((b, h, dk, dv), F32))
-    kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, scale=scale, gated=gated)
-    args = [q, k, w, u] + ([gc] if gated else []) + [attn, states, do, dht]
+    kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, gated=gated)
+    args = [k, w] + ([gc, states] if gated else []) + [p_term, r_term, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
                           compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="delta_rule_bwd_sweep")(*args)
-    du, u_new, dstates = outs[:3]
+    du, dstates = outs[:2]
     dh0 = outs[-1]
 
     block_k = _divisor_block(dk, DQKW_BLOCK_K)
@@ -370,7 +403,7 @@ def _run_backward_split(q, k, w, u, gc, attn, states, do, dht, *, chunk, scale, 
     dq, dk_, dw = outs2[:3]
     dgc = None
     if gated:
-        dgc = outs2[3].sum(0) + outs[3].sum(0)  # K-block parts + the state part of d g_last (per V block)
+        dgc = outs2[3].sum(0) + outs[2].sum(0)  # K-block parts + the state part of d g_last (per V block)
     return dq, dk_, dw, du, dgc, dh0
 
 
@@ -447,9 +480,9 @@ def _core_vjp_bwd(chunk, scale, block_v, interpret, res, cts):
     dop, _ = pad_time(do.astype(v.dtype), chunk)
     block_v = block_v if BWD_BLOCK_V is None else _pick_block_v(v.shape[-1], BWD_BLOCK_V)
     # Recompute each chunk's start state (written to HBM only in the backward, where the reverse sweep needs it).
-    states = _run_states(kp, w, u, gc, h0, chunk=chunk, block_v=block_v, interpret=interpret)
+    states, u_new = _run_states(kp, w, u, gc, h0, chunk=chunk, block_v=block_v, interpret=interpret)
     attn = chunk_scores(qp, kp, gc, chunk=chunk, interpret=interpret)
-    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u, gc, attn, states, dop, dht.astype(F32),
+    dq, dk_direct, dw, du, dgc, dh0 = _run_backward_split(qp, kp, w, u_new, gc, attn, states, dop, dht.astype(F32),
                                                           chunk=chunk, scale=scale, block_v=block_v,
                                                           interpret=interpret)
     if WY_BWD == "jax_vjp":
