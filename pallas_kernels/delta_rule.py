@@ -15,7 +15,8 @@ Plan (see benchmarks/NOTES_delta_rule.md):
   scores once per chunk (a small kernel); the sweep's dS-independent terms parallel over chunks; a sequential kernel
   sweeping the chunks in reverse carrying dS (split over V, two small products per chunk) that writes du' and each
   chunk's dS; a kernel parallel over chunks forming dq, dk, dw with the V blocks summed on chip; and the WY
-  preparation's matmul-only VJP from the same T (pallas_kernels.common.wy_factors_and_vjp). The older preparation backwards stay behind the WY_BWD switch for timing.
+  preparation's matmul-only VJP from the same T (pallas_kernels.common.wy_factors_and_vjp). The older preparation
+  backwards stay behind the WY_BWD switch for timing.
 
 Kernel bodies use only generic Pallas ops (ref indexing with pl.ds, lax.fori_loop, dot_general), so interpret mode on
 CPU runs the same body that the GPU (Triton lowering) compiles. Imports only jax/numpy.
@@ -188,10 +189,10 @@ def _sweep_local_kernel(*refs, chunk, block_v, scale, gated):
 
 def _sweep_kernel(*refs, chunk, n_chunks, block_v, gated):
     """Reverse sweep of the "split" backward: carries dS (the gradient of the chunk's end state) over the chunks in
-    reverse, dS_prev = e^{g_last} dS + R - W^T (K_dec dS) with R from _sweep_local_kernel, and writes du' = P + K_dec dS,
-    each chunk's dS (q's dtype: only ever used as a dot operand) and e^{g_last} sum(dS * S0) per V block on each
-    chunk's last row (the state part of d g_last; a vector store like the other outputs). dq, dk, dw and the rest of
-    dgc: _dqkw_kernel."""
+    reverse, dS_prev = e^{g_last} dS + R - W^T (K_dec dS) with R from _sweep_local_kernel, and writes
+    du' = P + K_dec dS, each chunk's dS (q's dtype: only ever used as a dot operand) and e^{g_last} sum(dS * S0) per
+    V block on each chunk's last row (the state part of d g_last; a vector store like the other outputs). dq, dk, dw
+    and the rest of dgc: _dqkw_kernel."""
     pl = pallas_module()
     refs = list(refs)
     k_ref, w_ref = refs[:2]
