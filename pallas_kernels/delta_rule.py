@@ -72,14 +72,23 @@ DQKW_BLOCK_K = 64  # K block (grid axis) of the dq/dk/dw kernel: keeps its three
 DQKW_BLOCK_V = 32  # V block looped over inside it
 DQKW_WARPS = 4
 BWD_BLOCK_V = None
-# Pipelining stages of the reverse sweep's chunk loop and of the dq/dk/dw kernel's loop over V blocks: 2-3 gave
-# nothing on the H100 (gated fwd+bwd 13.12-13.88 ms vs 13.18 with 1 stage each; benchmarks/sweep_delta_rule.py).
-BWD_STAGES = 1
+# Pipelining stages of the reverse sweep's chunk loop and of the dq/dk/dw kernel's loop over V blocks. The sweep that
+# did five products per chunk gained nothing from 2-3 (gated fwd+bwd 13.12-13.88 ms vs 13.18 with 1 stage each;
+# benchmarks/sweep_delta_rule.py). The two-product sweep is bound by its loads: H100, B1 T32768 H16 D128 fwd+bwd,
+# gated 12.41 ms (1 stage) / 12.23 (2) / 11.99 (3), plain 10.80 / 10.61 / 10.37 (RESULTS.md, eighth round). As in the
+# forward, the extra stages only where programs are few and D <= 128 (3 stages of D 256 tiles would not fit in shared
+# memory): BWD_STAGES there, BWD_STAGES_WIDE otherwise (not measured against 1 at B8 T4096 or D 256).
+BWD_STAGES = 3
+BWD_STAGES_WIDE = 1
 DQKW_STAGES = 1
 # The kernel that forms the sweep's dS-independent terms (P = A^T dO, R = Q_dec^T dO - W^T P) before it: V block (grid
-# axis) and warps. Unmeasured choices: a [K, 64] float32 R tile is 64 registers per thread at 4 warps.
+# axis) and warps. [K, 64] float32 R tiles with 4 warps; 128 with 8 warps timed the same (12.22 vs 12.23 ms).
 SWEEP_LOCAL_BLOCK_V = 64
 SWEEP_LOCAL_WARPS = 4
+
+
+def _sweep_stages(programs: int, dk: int) -> int:
+    return BWD_STAGES if dk <= 128 and programs <= FWD_STAGES_MAX_PROGRAMS else BWD_STAGES_WIDE
 
 
 def _chunk_gates(gc_ref, b, h, ts, chunk, causal, is_last):
@@ -386,7 +395,8 @@ def _run_backward_split(q, k, w, u_new, gc, attn, states, do, dht, *, chunk, sca
     kernel = functools.partial(_sweep_kernel, chunk=chunk, n_chunks=n, block_v=block_v, gated=gated)
     args = [k, w] + ([gc, states] if gated else []) + [p_term, r_term, dht]
     outs = pl.pallas_call(kernel, out_shape=tuple(out_shape), grid=(b, h, nv), interpret=interpret,
-                          compiler_params=triton_params(BWD_WARPS, BWD_STAGES), name="delta_rule_bwd_sweep")(*args)
+                          compiler_params=triton_params(BWD_WARPS, _sweep_stages(b * h * nv, dk)),
+                          name="delta_rule_bwd_sweep")(*args)
     du, dstates = outs[:2]
     dh0 = outs[-1]
 
