@@ -4,6 +4,7 @@ and only the memory parameters move."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from ahn_jax.models.config import QwenConfig
@@ -18,7 +19,8 @@ TINY = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True}
 
 
-def _setup():
+@pytest.fixture(scope="module")
+def setup():
     base = QwenForCausalLM(QwenConfig.from_hf(TINY), dtype="float32", rngs=nnx.Rngs(0))
     model = HybridQwenForCausalLM(base, AHNConfig(memory="gated_deltanet", window=6, sinks=2, chunk_size=8,
                                                   max_window=8, max_sinks=4), rngs=nnx.Rngs(1))
@@ -27,21 +29,32 @@ def _setup():
     return graphdef, mem, frozen, {"input_ids": ids, "loss_mask": jnp.ones((2, 40))}
 
 
-def test_remat_matches_no_remat_and_only_memory_moves():
-    graphdef, mem, frozen, batch = _setup()
-    results = []
-    for remat in (False, True):
-        tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
-        step = make_train_step(graphdef, tx, StepOptions(remat=remat))
-        p, o = jax.tree.map(jnp.copy, mem), tx.init(mem)
-        losses = []
-        for _ in range(3):
-            p, o, m = step(p, o, frozen, batch, jnp.int32(6), jnp.int32(2))
-            losses.append(float(m["loss"]))
-        results.append((losses, p))
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-    assert results[0][0][0] > 0 and results[0][0][-1] != results[0][0][0]
-    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[1][1], mem)
+def _run(step, tx, mem, frozen, batch, n=3):
+    """n steps from a copy of mem at window 6, sinks 2 -> (losses, final memory parameters)."""
+    p, o = jax.tree.map(jnp.copy, mem), tx.init(mem)
+    losses = []
+    for _ in range(n):
+        p, o, m = step(p, o, frozen, batch, jnp.int32(6), jnp.int32(2))
+        losses.append(float(m["loss"]))
+    return losses, p
+
+
+@pytest.fixture(scope="module")
+def reference_losses(setup):
+    """Three steps of the plain step (no remat, traced window, one device): the run every other variant must equal.
+    Shared so its compile (the bulk of each test's time) happens once per module, not in each test."""
+    graphdef, mem, frozen, batch = setup
+    tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+    return _run(make_train_step(graphdef, tx, StepOptions(remat=False)), tx, mem, frozen, batch)[0]
+
+
+def test_remat_matches_no_remat_and_only_memory_moves(setup, reference_losses):
+    graphdef, mem, frozen, batch = setup
+    tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+    losses, p = _run(make_train_step(graphdef, tx, StepOptions(remat=True)), tx, mem, frozen, batch)
+    np.testing.assert_allclose(reference_losses, losses, rtol=1e-5)
+    assert reference_losses[0] > 0 and reference_losses[-1] != reference_losses[0]
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), p, mem)
     assert max(jax.tree.leaves(moved)) > 0
 
 
@@ -51,32 +64,22 @@ def test_loss_mask_starts_at_sinks_plus_window():
     assert float(loss_mask({"loss_mask": jnp.ones((1, 10))}, 4, 2, False).sum()) == 10
 
 
-def test_static_window_step_equals_traced_window_step():
-    graphdef, mem, frozen, batch = _setup()
-    out = []
-    for static in (None, (6, 2)):
-        tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
-        step = make_train_step(graphdef, tx, StepOptions(remat=False), static_window=static)
-        _, _, m = step(jax.tree.map(jnp.copy, mem), tx.init(mem), frozen, batch, jnp.int32(6), jnp.int32(2))
-        out.append(float(m["loss"]))
-    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+def test_static_window_step_equals_traced_window_step(setup, reference_losses):
+    graphdef, mem, frozen, batch = setup
+    tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
+    step = make_train_step(graphdef, tx, StepOptions(remat=False), static_window=(6, 2))
+    _, _, m = step(jax.tree.map(jnp.copy, mem), tx.init(mem), frozen, batch, jnp.int32(6), jnp.int32(2))
+    np.testing.assert_allclose(reference_losses[0], float(m["loss"]), rtol=1e-5)
 
 
-def test_fsdp_state_keeps_its_shardings_and_compiles_once():
+def test_fsdp_state_keeps_its_shardings_and_compiles_once(setup, reference_losses):
     """With state_shardings the updated memory/optimizer state leaves the step in the shardings it came in with (XLA
     otherwise picks its own: on GPU it returned the 3B memory fsdp-sharded where the step took it replicated, and the
     next call failed), so the donated buffers are reused and step 2 does not recompile; losses equal one device's."""
     from ahn_jax import compat, sharding
 
-    graphdef, mem, frozen, batch = _setup()
+    graphdef, mem, frozen, batch = setup
     tx = make_optimizer(mem, lr=1e-2, steps=10, warmup_ratio=0.0)
-    want = []
-    step1 = make_train_step(graphdef, tx, StepOptions(remat=False))
-    p, o = jax.tree.map(jnp.copy, mem), tx.init(mem)
-    for _ in range(3):
-        p, o, m = step1(p, o, frozen, batch, jnp.int32(6), jnp.int32(2))
-        want.append(float(m["loss"]))
-
     mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
     with compat.set_mesh(mesh):
         p = jax.device_put(jax.tree.map(jnp.copy, mem), sharding.shard_params(mem, mesh))
@@ -93,4 +96,4 @@ def test_fsdp_state_keeps_its_shardings_and_compiles_once():
             for x, s in zip(jax.tree.leaves((p, o)), jax.tree.leaves(state_sh)):
                 assert x.sharding.is_equivalent_to(s, x.ndim), (x.sharding, s)
     assert step._cache_size() == 1
-    np.testing.assert_allclose(got, want, rtol=1e-4)  # sharded reductions sum in another order
+    np.testing.assert_allclose(got, reference_losses, rtol=1e-4)  # sharded reductions sum in another order
