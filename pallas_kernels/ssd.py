@@ -91,6 +91,13 @@ def _chunk_decays(a, chunk):
     return a_last, decay, is_last
 
 
+def _next_state(s, x, d, a, a_last, bm, cdt):
+    """The state at a chunk's end from its start S: e^{a_L} S + (x d e^{a_L - a})^T B (the forward and the states
+    kernel share it, so the backward's recomputed states are the forward's)."""
+    x_w = x.astype(F32) * (d * jnp.exp(a_last - a))[:, None]
+    return jnp.exp(a_last) * s + _dot_tn(x_w, bm, cdt)
+
+
 def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *, chunk, n_chunks, block_p,
                 heads_per_group):
     pl = _pl()
@@ -110,8 +117,7 @@ def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *, chu
         scores = _dot_nt(cm, bm, cdt) * decay * d[None, :]
         y = _dot(scores, x, cdt) + jnp.exp(a)[:, None] * _dot_nt(cm, s, cdt)
         y_ref[b, ts, h, ps] = y.astype(y_ref.dtype)
-        x_w = x.astype(F32) * (d * jnp.exp(a_last - a))[:, None]
-        return jnp.exp(a_last) * s + _dot_tn(x_w, bm, cdt)
+        return _next_state(s, x, d, a, a_last, bm, cdt)
 
     s = lax.fori_loop(0, n_chunks, body, h0_ref[b, h, ps, :].astype(F32))
     ht_ref[b, h, ps, :] = s
@@ -130,9 +136,8 @@ def _states_kernel(x_ref, d_ref, a_ref, b_ref, h0_ref, st_ref, *, chunk, n_chunk
         ts = pl.ds(c * chunk, chunk)
         st_ref[b, h, c, ps, :] = s
         a = a_ref[b, h, ts]
-        a_last, _ = _chunk_total(a, chunk)
-        x_w = x_ref[b, ts, h, ps].astype(F32) * (d_ref[b, h, ts] * jnp.exp(a_last - a))[:, None]
-        return jnp.exp(a_last) * s + _dot_tn(x_w, b_ref[b, ts, grp, :], cdt)
+        return _next_state(s, x_ref[b, ts, h, ps], d_ref[b, h, ts], a, _chunk_total(a, chunk)[0], b_ref[b, ts, grp, :],
+                           cdt)
 
     lax.fori_loop(0, n_chunks, body, h0_ref[b, h, ps, :].astype(F32))
 
