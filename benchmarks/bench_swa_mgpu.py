@@ -47,7 +47,8 @@ class Shape:
             self.variants = [(128, 2, True, 0), (128, 2, True, 2)]
             self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True)),
                                  "mm_persistent": dict(forward="mosaic", backward="mosaic", persistent=True),
-                                 "mm_fused_dq": dict(forward="mosaic", backward="mosaic", fused=True)}
+                                 "mm_fused_dq": dict(forward="mosaic", backward="mosaic", fused=True),
+                                 "mm_split3": dict(forward="mosaic", backward="mosaic", split=3)}
         else:
             self.b, self.t, self.hq, self.hkv, self.d, self.t_ref = 1, 32768, 16, 2, 128, 2048
             self.sinks, self.windows, self.main_window = 128, (1024, 4096, 8192), 4096
@@ -64,7 +65,8 @@ class Shape:
             # fused: dq accumulated by the dk/dv kernel (TMA reduce-adds) vs its own kernel (BWD_FUSED_DQ)
             # registers: the dk/dv kernel's compute warpgroups' (BWD_DKV_REGISTERS). Run 4 of the fifth round timed
             # fused / dq kernel x 232 / 240 registers; the defaults are the dq kernel and 240.
-            self.bwd_variants = {"mm_defaults": mm, "mm_fused_dq": dict(mm, fused=True)}
+            # split: CTAs per key block of the dk/dv kernel (BWD_DKV_SPLIT; eighth session).
+            self.bwd_variants = {"mm_defaults": mm, **{f"mm_split{n}": dict(mm, split=n) for n in (2, 3, 4)}}
 
 
 def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, interpret):
@@ -118,6 +120,9 @@ def main():
                         help="only the forward variants: agreement, then N interleaved timings per window vs cuDNN")
     parser.add_argument("--repeat", type=int, default=1,
                         help="then time ours and cuDNN N more times per window, interleaved: spread and median ratio")
+    parser.add_argument("--backward-repeat", type=int, default=0,
+                        help="after the backward agreement: every agreeing backward variant's fwd+bwd and cuDNN's, N "
+                             "interleaved timings per window, then stop")
     opts = parser.parse_args()
     shape = Shape(opts.smoke)
     if opts.windows:
@@ -174,11 +179,11 @@ def main():
     from bench_swa_attention import errors, fmt, ok, outputs_and_grads
     from bench_swa_attention import ours as ours_plain
 
-    def ours(window, sinks, switches=None, persistent=None, fused=None, registers=None, **kwargs):
+    def ours(window, sinks, switches=None, persistent=None, fused=None, registers=None, split=None, **kwargs):
         """swa_attention with the Mosaic kernels' module switches set (read when swa_attention builds its config)."""
         def attn(q, k, v):
             saved = (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT,
-                     mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS)
+                     mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS, mgpu.BWD_DKV_SPLIT)
             if switches is not None:
                 mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV = switches
             if persistent is not None:
@@ -187,11 +192,13 @@ def main():
                 mgpu.BWD_FUSED_DQ = fused
             if registers is not None:
                 mgpu.BWD_DKV_REGISTERS = registers
+            if split is not None:
+                mgpu.BWD_DKV_SPLIT = split
             try:
                 return ours_plain(window, sinks, **kwargs)(q, k, v)
             finally:
                 (mgpu.BWD_SCHEDULE_DQ, mgpu.BWD_SCHEDULE_DKV, mgpu.BWD_PAIRED_DKV, mgpu.FORWARD_PERSISTENT,
-                 mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS) = saved
+                 mgpu.BWD_FUSED_DQ, mgpu.BWD_DKV_REGISTERS, mgpu.BWD_DKV_SPLIT) = saved
         return attn
 
     grads_ok = {}
@@ -217,6 +224,12 @@ def main():
             report["failures"][bname] = traceback.format_exc()[-3000:]
             log(f"{bname}: FAILED {type(ex).__name__}: {str(ex)[:300]}")
     del tri_grads
+    if opts.backward_repeat:  # agreeing backward variants only: interleaved repeated fwd+bwd timings vs cuDNN, then stop
+        text = backward_repeat(opts.backward_repeat, shape, {k: v for k, v in shape.bwd_variants.items()
+                                                             if grads_ok.get(k)}, full4, interpret, report, ours)
+        write(out, report, text)
+        print("\n" + text)
+        return
 
     # (3) timings: W=main first (every forward and backward variant), then the others (defaults and the best)
     def time_fwd(fn):
@@ -302,6 +315,28 @@ def repeat_ratios(n, shape, report, full, full4, interpret, default_fwd, bwd_kwa
     for window, r in ratios.items():
         cells = [f"{min(x):.3f} / {float(np.median(x)):.3f} / {max(x):.3f}" for x in (r["fwd"], r["fwdbwd"])]
         rows.append(f"| {window} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def backward_repeat(n, shape, variants, full4, interpret, report, ours):
+    """Every agreeing backward variant's forward+backward and cuDNN's, per window, timed n times interleaved: the
+    ratio's min / median / max (as forward_repeat does for the forward variants)."""
+    fns = {w: {**{k: fwd_and_vjp(ours(w, shape.sinks, interpret=interpret, **kw))[1] for k, kw in variants.items()},
+               "cudnn": fwd_and_vjp(anchor(w, interpret))[1]} for w in shape.windows}
+    ratios = {w: {k: [] for k in f if k != "cudnn"} for w, f in fns.items()}
+    for rep in range(n):
+        for w, f in fns.items():
+            t = {k: time_jax(fn, *full4, reps=shape.reps, warmup=shape.warmup) for k, fn in f.items()}
+            for k in ratios[w]:
+                ratios[w][k].append(t[k] / t["cudnn"])
+            log(f"backward repeat {rep}: W={w} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    report["backward_repeat_ratios"] = ratios
+    names = list(variants)
+    rows = [f"forward+backward, ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
+            "| W | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for w, r in ratios.items():
+        rows.append(f"| {w} | " + " | ".join(f"{min(r[k]):.3f} / {float(np.median(r[k])):.3f} / {max(r[k]):.3f}"
+                                              for k in names) + " |")
     return "\n".join(rows)
 
 

@@ -492,7 +492,8 @@ def _mosaic_switches(backward, d, block_q_bwd, interpret):
     if fused == "auto":
         fused = mgpu.fused_dq_supported(d, block_q_bwd, interpret)
     return (("schedule_dq", mgpu.BWD_SCHEDULE_DQ), ("schedule_dkv", mgpu.BWD_SCHEDULE_DKV),
-            ("paired_dkv", mgpu.BWD_PAIRED_DKV), ("fused_dq", bool(fused)), ("dkv_registers", mgpu.BWD_DKV_REGISTERS))
+            ("paired_dkv", mgpu.BWD_PAIRED_DKV), ("fused_dq", bool(fused)), ("dkv_registers", mgpu.BWD_DKV_REGISTERS),
+            ("dkv_split", int(mgpu.BWD_DKV_SPLIT)))
 
 
 def _check_block(name, value):

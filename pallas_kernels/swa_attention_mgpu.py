@@ -55,6 +55,12 @@ BWD_FUSED_DQ = False
 # BWD_DKV_REGISTERS: per-thread registers of the dk/dv kernel's compute warpgroups (232 or 240; the memory warpgroup
 # gets the rest of the 512 per thread slot: 40 or 24). ptxas spills fewer bytes at 240 (116 vs 164 stores, H100).
 BWD_DKV_REGISTERS = 240
+# BWD_DKV_SPLIT: CTAs per key block in the dk/dv kernel (MgpuBwdConfig.dkv_split), each walking a share of the block's
+# query blocks; the wrapper sums the float32 shares. Its CTAs fill the SMs one at a time and are few and long (at
+# W=8192: ~520 of ~130 steps x 8 heads on 132 SMs), so the last wave idles a large part of the GPU; shorter shares
+# even it out (a list-scheduling model of the launch order predicts 1.17x -> 1.07-1.09x of the ideal at W=8192 with 3-4
+# shares, 1.20x -> 1.08x at W=1024).
+BWD_DKV_SPLIT = 1
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -433,6 +439,7 @@ class MgpuBwdConfig:
     fused_dq: bool = False  # dq accumulated by the dk/dv kernel (no dq kernel; dv, dk, dq issued together whatever
     # paired_dkv says); see fused_dq_supported
     dkv_registers: int = BWD_DKV_REGISTERS  # the dk/dv kernel's compute warpgroups' registers (232 or 240)
+    dkv_split: int = 1  # CTAs per key block of the dk/dv kernel, each walking a share of its query blocks
     interpret: bool = False
 
 
@@ -581,8 +588,10 @@ def _reduce_add(value, stage, dst, loaded, interpret: bool):
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_ref, dq_ref, scratch, *,
                  cfg: MgpuBwdConfig, group: int, tp: int, num_k_blocks: int, n_split: int, split_len: int):
-    """dq_ref: None, or (cfg.fused_dq) a float32 [B, Tp, Hq, D] accumulator, zero on entry, that each step adds
-    its dq partial to (ds^T k over the CTA's 128 keys; each warpgroup owns half of D's columns)."""
+    """CTA j < dkv_split * num_k_blocks walks share j % dkv_split of key block j // dkv_split's query blocks and
+    writes its float32 dk/dv to rows j * 128 (the wrapper sums the shares); later CTAs a split_len share of a sink
+    block's tail. dq_ref: None, or (cfg.fused_dq) a float32 [B, Tp, Hq, D] accumulator, zero on entry, that each step
+    adds its dq partial to (ds^T k over the CTA's 128 keys; each warpgroup owns half of D's columns)."""
     from pallas_kernels import swa_attention as tri  # its block-range helpers (same definitions as the Triton path)
 
     plgpu, pl = _plgpu(), _pl()
@@ -594,14 +603,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, dk_ref, dv_re
     batch, kv_head, wg = lax.axis_index("batch"), lax.axis_index("kv_heads"), lax.axis_index("wg")
     j = lax.axis_index("k_tiles")
     # Which key block, and which query blocks [lo, hi) (per head) this CTA walks.
-    is_tail = j >= num_k_blocks
-    tail = jnp.maximum(j - num_k_blocks, 0)
-    kb = jnp.where(is_tail, lax.div(tail, max(n_split, 1)), j)
+    shares = cfg.dkv_split
+    is_tail = j >= shares * num_k_blocks
+    tail = jnp.maximum(j - shares * num_k_blocks, 0)
+    kb = jnp.where(is_tail, lax.div(tail, max(n_split, 1)), lax.div(j, shares))
     lo, hi = tri._query_range_of_key_block(kb, cfg, bq, KEYS_PER_CTA, num_q_blocks)
+    share_len = lax.div(hi - lo + shares - 1, shares)
+    share_lo = lo + lax.rem(j, shares) * share_len
     q_tail = tri._sink_tail_start(cfg, bq, KEYS_PER_CTA, num_q_blocks)
     split_lo = q_tail + lax.rem(tail, max(n_split, 1)) * split_len
-    lo = jnp.where(is_tail, split_lo, lo)
-    hi = jnp.where(is_tail, jnp.minimum(split_lo + split_len, num_q_blocks), hi)
+    lo = jnp.where(is_tail, split_lo, share_lo)
+    hi = jnp.where(is_tail, jnp.minimum(split_lo + split_len, num_q_blocks), jnp.minimum(share_lo + share_len, hi))
     per_head = jnp.maximum(hi - lo, 0)
     n_steps = group * per_head
     c = cfg.scale * _LOG2E
@@ -766,10 +778,12 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
     num_q_blocks, num_k_blocks = tp // bq, tp // KEYS_PER_CTA
     nsb = tri._num_sink_blocks(cfg, KEYS_PER_CTA)
     q_tail = tri._sink_tail_start(cfg, bq, KEYS_PER_CTA, num_q_blocks)
-    split_len = max(1, -(-(cfg.window + KEYS_PER_CTA) // bq))  # about one window's worth of query blocks per CTA
+    # The sink blocks' tails in shares of about one (split) key block's work: a window's query blocks / dkv_split.
+    split_len = max(1, -(-(cfg.window + KEYS_PER_CTA) // (bq * cfg.dkv_split)))
     n_split = -(-(num_q_blocks - q_tail) // split_len) if nsb else 0
     n_extra = nsb * n_split
-    rows = tp + n_extra * KEYS_PER_CTA
+    shares = cfg.dkv_split
+    rows = shares * tp + n_extra * KEYS_PER_CTA
 
     # The loop's dq staging (ds^T, two buffers; a float32 [bq, D/2] tile per warpgroup) and the final dk/dv staging
     # share shared memory on the GPU (a RefUnion: their lifetimes do not overlap); the interpreter has no RefUnion.
@@ -801,7 +815,7 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
         )
 
     out = jax.ShapeDtypeStruct((b, rows, hkv, d), jnp.float32)
-    grid = dict(grid=(hkv, num_k_blocks + n_extra, b), grid_names=("kv_heads", "k_tiles", "batch"))
+    grid = dict(grid=(hkv, shares * num_k_blocks + n_extra, b), grid_names=("kv_heads", "k_tiles", "batch"))
     if fused:
         from pallas_kernels import compat
 
@@ -814,9 +828,11 @@ def backward(q, k, v, o, lse, do, dlse, cfg: MgpuBwdConfig):
         dk_all, dv_all = plgpu.kernel(dkdv_entry, out_type=(out, out), **grid, **launch)(q, k, v, do, lse2, delta)
 
     def fold(x_all):
-        x = x_all[:, :tp]
+        x = x_all[:, :shares * tp]
+        if shares > 1:
+            x = x.reshape(b, num_k_blocks, shares, KEYS_PER_CTA, hkv, d).sum(axis=2).reshape(b, tp, hkv, d)
         if n_extra:
-            extra = x_all[:, tp:].reshape(b, nsb, n_split, KEYS_PER_CTA, hkv, d).sum(axis=2)
+            extra = x_all[:, shares * tp:].reshape(b, nsb, n_split, KEYS_PER_CTA, hkv, d).sum(axis=2)
             x = x.at[:, : nsb * KEYS_PER_CTA].add(extra.reshape(b, nsb * KEYS_PER_CTA, hkv, d))
         return x
 

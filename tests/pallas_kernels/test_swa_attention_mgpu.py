@@ -96,6 +96,10 @@ def _check_backward(seed, t, hq, hkv, window, sinks, **cfg):
         pytest.param(384, 2, 2, 1, 0, dict(stages_dq=2, stages_dkv=2, paired_dkv=False), marks=pytest.mark.slow),
         pytest.param(300, 2, 1, 1000, 1, dict(block_kv_dq=128, block_q_dkv=128, stages_dq=2, stages_dkv=2),
                      marks=pytest.mark.slow),
+        # dk/dv CTAs in shares of a key block's query blocks (sink tails in matching shares; empty shares at T's end)
+        pytest.param(640, 2, 1, 64, 256, dict(dkv_split=3), marks=pytest.mark.slow),
+        pytest.param(300, 2, 2, 1000, 1, dict(dkv_split=2), marks=pytest.mark.slow),
+        pytest.param(256, 2, 1, 100, 10, dict(dkv_split=4, fused_dq=True), marks=pytest.mark.slow),
     ],
 )
 def test_backward_matches_dense_reference(t, hq, hkv, window, sinks, cfg):
@@ -172,7 +176,8 @@ def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages):
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dq=2, stages_dkv=2), dict(fused_dq=True)])
+@pytest.mark.parametrize("cfg", [dict(), dict(block_kv_dq=128, stages_dq=2, stages_dkv=2), dict(fused_dq=True),
+                                 dict(dkv_split=3)])
 def test_backward_lowers_to_mosaic_gpu_for_cuda(cfg):
     """Both backward kernels (or the dk/dv kernel alone, accumulating dq) lower for CUDA (layouts of the loaded
     lse/delta vectors, transposed views, TMA reduce-adds, shared memory within the H100's 227 KB: the lowering checks
