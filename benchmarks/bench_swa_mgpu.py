@@ -65,8 +65,9 @@ class Shape:
             # fused: dq accumulated by the dk/dv kernel (TMA reduce-adds) vs its own kernel (BWD_FUSED_DQ)
             # registers: the dk/dv kernel's compute warpgroups' (BWD_DKV_REGISTERS). Run 4 of the fifth round timed
             # fused / dq kernel x 232 / 240 registers; the defaults are the dq kernel and 240.
-            # split: CTAs per key block of the dk/dv kernel (BWD_DKV_SPLIT; eighth session).
-            self.bwd_variants = {"mm_defaults": mm, **{f"mm_split{n}": dict(mm, split=n) for n in (2, 3, 4)}}
+            # split: CTAs per key block of the dk/dv kernel (BWD_DKV_SPLIT; sixth round in RESULTS.md timed 1-4; the
+            # default "auto" picks per window, split1 is the kernel before it).
+            self.bwd_variants = {"mm_defaults": mm, "mm_split1": dict(mm, split=1)}
 
 
 def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, interpret):
@@ -224,7 +225,7 @@ def main():
             report["failures"][bname] = traceback.format_exc()[-3000:]
             log(f"{bname}: FAILED {type(ex).__name__}: {str(ex)[:300]}")
     del tri_grads
-    if opts.backward_repeat:  # agreeing backward variants only: interleaved repeated fwd+bwd timings vs cuDNN, then stop
+    if opts.backward_repeat:  # agreeing backward variants: interleaved repeated fwd+bwd timings vs cuDNN, then stop
         text = backward_repeat(opts.backward_repeat, shape, {k: v for k, v in shape.bwd_variants.items()
                                                              if grads_ok.get(k)}, full4, interpret, report, ours)
         write(out, report, text)

@@ -481,7 +481,7 @@ def _persistent_ctas(forward, window, interpret):
     return 2 if interpret else mgpu.sm_count()  # interpret mode: two CTAs share the tiles
 
 
-def _mosaic_switches(backward, d, block_q_bwd, interpret):
+def _mosaic_switches(backward, d, block_q_bwd, interpret, window):
     """The Mosaic backward's module switches as (MgpuBwdConfig field, value) pairs (hashable, for the static
     config); none for the Triton backward."""
     if backward != "mosaic":
@@ -491,9 +491,12 @@ def _mosaic_switches(backward, d, block_q_bwd, interpret):
     fused = mgpu.BWD_FUSED_DQ
     if fused == "auto":
         fused = mgpu.fused_dq_supported(d, block_q_bwd, interpret)
+    split = mgpu.BWD_DKV_SPLIT
+    if split == "auto":
+        split = mgpu.auto_dkv_split(window)
     return (("schedule_dq", mgpu.BWD_SCHEDULE_DQ), ("schedule_dkv", mgpu.BWD_SCHEDULE_DKV),
             ("paired_dkv", mgpu.BWD_PAIRED_DKV), ("fused_dq", bool(fused)), ("dkv_registers", mgpu.BWD_DKV_REGISTERS),
-            ("dkv_split", int(mgpu.BWD_DKV_SPLIT)))
+            ("dkv_split", int(split)))
 
 
 def _check_block(name, value):
@@ -601,7 +604,7 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
                   lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
-                  mosaic_switches=_mosaic_switches(backward, d, block_q_bwd, interpret),
+                  mosaic_switches=_mosaic_switches(backward, d, block_q_bwd, interpret, min(window, tp)),
                   persistent_ctas=_persistent_ctas(forward, min(window, tp), interpret), interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))

@@ -57,10 +57,20 @@ BWD_FUSED_DQ = False
 BWD_DKV_REGISTERS = 240
 # BWD_DKV_SPLIT: CTAs per key block in the dk/dv kernel (MgpuBwdConfig.dkv_split), each walking a share of the block's
 # query blocks; the wrapper sums the float32 shares. Its CTAs fill the SMs one at a time and are few and long (at
-# W=8192: ~520 of ~130 steps x 8 heads on 132 SMs), so the last wave idles a large part of the GPU; shorter shares
-# even it out (a list-scheduling model of the launch order predicts 1.17x -> 1.07-1.09x of the ideal at W=8192 with 3-4
-# shares, 1.20x -> 1.08x at W=1024).
-BWD_DKV_SPLIT = 1
+# W=8192: ~520 CTAs of ~130 steps x 8 heads on 132 SMs), so the last wave leaves SMs idle; shorter shares even it out.
+# An int, or "auto": auto_dkv_split(window).
+BWD_DKV_SPLIT = "auto"
+
+
+def auto_dkv_split(window: int) -> int:
+    """Shares per dk/dv key block by window, from the H100 (B1 T32768 Hq16 Hkv2 D128, 128 sinks; fwd+bwd / cuDNN,
+    medians of 3 interleaved repetitions, shares 1 / 2 / 3 / 4): W=1024 1.057 / 0.983 / 0.997 / 1.022, W=4096 1.067 /
+    1.066 / 1.084 / 1.082, W=8192 1.109 / 1.095 / 1.067 / 1.090 (benchmarks/RESULTS.md, sixth round). Windows between
+    take the nearer measured window's choice; other batch sizes, lengths and head counts change the CTA count and
+    were not measured."""
+    if window <= 2048:
+        return 2
+    return 1 if window < 6144 else 3
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 

@@ -198,7 +198,7 @@ def test_fused_dq_rule(monkeypatch):
     from pallas_kernels import swa_attention as tri
 
     def fused(*args):
-        return dict(tri._mosaic_switches(*args))["fused_dq"]
+        return dict(tri._mosaic_switches(*args, 4096))["fused_dq"]
 
     assert fused("mosaic", 128, 64, False) is False
     monkeypatch.setattr(mgpu, "BWD_FUSED_DQ", "auto")
@@ -206,12 +206,24 @@ def test_fused_dq_rule(monkeypatch):
     assert fused("mosaic", 64, 64, False) is False
     assert fused("mosaic", 128, 128, False) is False
     assert fused("mosaic", 64, 64, True) is True
-    assert tri._mosaic_switches("triton", 128, 64, False) == ()  # the Mosaic backward's switches only
+    assert tri._mosaic_switches("triton", 128, 64, False, 4096) == ()  # the Mosaic backward's switches only
     q, k, v, _, _ = _inputs(0, 1, 128, 2, 1, 64, jnp.bfloat16)
     lse = jnp.zeros((1, 2, 128), jnp.float32)
     cfg = mgpu.MgpuBwdConfig(window=8, sinks=0, scale=0.125, fused_dq=True)
     with pytest.raises(ValueError, match="fused_dq"):
         mgpu.backward(q, k, v, q, lse, q, lse, cfg)
+
+
+def test_dkv_split_rule(monkeypatch):
+    """BWD_DKV_SPLIT="auto" (the default) picks the dk/dv shares measured best per window; an int overrides it."""
+    from pallas_kernels import swa_attention as tri
+
+    def split(window):
+        return dict(tri._mosaic_switches("mosaic", 128, 64, False, window))["dkv_split"]
+
+    assert [split(w) for w in (1, 1024, 2048, 4096, 6143, 6144, 8192, 32768)] == [2, 2, 2, 1, 1, 3, 3, 3]
+    monkeypatch.setattr(mgpu, "BWD_DKV_SPLIT", 4)
+    assert split(1024) == 4
 
 
 @pytest.mark.gpu
