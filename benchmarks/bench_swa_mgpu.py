@@ -324,21 +324,7 @@ def backward_repeat(n, shape, variants, full4, interpret, report, ours):
     ratio's min / median / max (as forward_repeat does for the forward variants)."""
     fns = {w: {**{k: fwd_and_vjp(ours(w, shape.sinks, interpret=interpret, **kw))[1] for k, kw in variants.items()},
                "cudnn": fwd_and_vjp(anchor(w, interpret))[1]} for w in shape.windows}
-    ratios = {w: {k: [] for k in f if k != "cudnn"} for w, f in fns.items()}
-    for rep in range(n):
-        for w, f in fns.items():
-            t = {k: time_jax(fn, *full4, reps=shape.reps, warmup=shape.warmup) for k, fn in f.items()}
-            for k in ratios[w]:
-                ratios[w][k].append(t[k] / t["cudnn"])
-            log(f"backward repeat {rep}: W={w} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    report["backward_repeat_ratios"] = ratios
-    names = list(variants)
-    rows = [f"forward+backward, ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
-            "| W | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for w, r in ratios.items():
-        rows.append(f"| {w} | " + " | ".join(f"{min(r[k]):.3f} / {float(np.median(r[k])):.3f} / {max(r[k]):.3f}"
-                                              for k in names) + " |")
-    return "\n".join(rows)
+    return interleaved_ratios("forward+backward", n, fns, full4, shape.reps, shape.warmup, report)
 
 
 def forward_repeat(n, shape, passing, full, interpret, report):
@@ -346,16 +332,22 @@ def forward_repeat(n, shape, passing, full, interpret, report):
     ratio's min / median / max, for differences smaller than one pass's noise (e.g. the persistent grid)."""
     fns = {w: {**{name(v): mosaic_forward(w, shape.sinks, *v, interpret) for v in passing},
                "cudnn": jax.jit(anchor(w, interpret))} for w in shape.windows}
+    return interleaved_ratios("forward", n, fns, full, max(shape.reps, 50), shape.warmup, report)
+
+
+def interleaved_ratios(what, n, fns, args, reps, warmup, report):
+    """fns: {window: {variant: fn, ..., "cudnn": fn}}. Each repetition times every window's functions in turn; the
+    ratios to cuDNN go to report[f"{what}_repeat_ratios"] and a min / median / max table is returned."""
     ratios = {w: {k: [] for k in f if k != "cudnn"} for w, f in fns.items()}
     for rep in range(n):
         for w, f in fns.items():
-            t = {k: time_jax(fn, *full, reps=max(shape.reps, 50), warmup=shape.warmup) for k, fn in f.items()}
+            t = {k: time_jax(fn, *args, reps=reps, warmup=warmup) for k, fn in f.items()}
             for k in ratios[w]:
                 ratios[w][k].append(t[k] / t["cudnn"])
-            log(f"forward repeat {rep}: W={w} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
-    report["forward_repeat_ratios"] = ratios
-    names = [name(v) for v in passing]
-    rows = [f"forward, ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
+            log(f"{what} repeat {rep}: W={w} " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
+    report[f"{what}_repeat_ratios"] = ratios
+    names = list(next(iter(ratios.values())))
+    rows = [f"{what}, ours / cuDNN over {n} interleaved repetitions (min / median / max):", "",
             "| W | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for w, r in ratios.items():
         rows.append(f"| {w} | " + " | ".join(f"{min(r[k]):.3f} / {float(np.median(r[k])):.3f} / {max(r[k]):.3f}"
