@@ -91,6 +91,12 @@ def _chunk_decays(a, chunk):
     return a_last, decay, is_last
 
 
+def _sequential_program(pl, block_p, heads_per_group):
+    """A sequential kernel's program (grid B, H, P / block_p): sequence b, head h, its B/C group, its rows of P."""
+    b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    return b, h, h // heads_per_group, pl.ds(ip * block_p, block_p)
+
+
 def _next_state(s, x, d, a, a_last, bm, cdt):
     """The state at a chunk's end from its start S: e^{a_L} S + (x d e^{a_L - a})^T B (the forward and the states
     kernel share it, so the backward's recomputed states are the forward's)."""
@@ -101,9 +107,7 @@ def _next_state(s, x, d, a, a_last, bm, cdt):
 def _fwd_kernel(x_ref, d_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, ht_ref, *, chunk, n_chunks, block_p,
                 heads_per_group):
     pl = _pl()
-    b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    grp = h // heads_per_group
-    ps = pl.ds(ip * block_p, block_p)
+    b, h, grp, ps = _sequential_program(pl, block_p, heads_per_group)
     cdt = x_ref.dtype
 
     def body(c, s):
@@ -127,9 +131,7 @@ def _states_kernel(x_ref, d_ref, a_ref, b_ref, h0_ref, st_ref, *, chunk, n_chunk
     """Each chunk's start state (st [B,H,n,P,N] f32), for the backward: the forward's recurrence without its output
     (no C, no scores, no y), S <- e^{a_L} S + (x d e^{a_L - a})^T B."""
     pl = _pl()
-    b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    grp = h // heads_per_group
-    ps = pl.ds(ip * block_p, block_p)
+    b, h, grp, ps = _sequential_program(pl, block_p, heads_per_group)
     cdt = x_ref.dtype
 
     def body(c, s):
@@ -146,9 +148,7 @@ def _dstate_kernel(a_ref, c_ref, dy_ref, dht_ref, dst_ref, dh0_ref, *, chunk, n_
     """The reverse sweep's only sequential part: dS at the end of every chunk (dst [B,H,n,P,N] f32), from
     dS0 = e^{a_L} dS1 + (dy e^{a})^T C, and dh0."""
     pl = _pl()
-    b, h, ip = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    grp = h // heads_per_group
-    ps = pl.ds(ip * block_p, block_p)
+    b, h, grp, ps = _sequential_program(pl, block_p, heads_per_group)
     cdt = dy_ref.dtype
 
     def body(i, ds1):
