@@ -33,10 +33,17 @@ def make(memory, window, sinks, chunk_size=4, seed=0):
     return model
 
 
-def parallel_logits(model, ids, teacher=False):
-    """The parallel forward model(ids) [B, T, V], jitted (eager dispatch of the tiny model is slower than a compile)."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _forward(graphdef, state, ids, teacher, use_memory):
+    return nnx.merge(graphdef, state)(ids, teacher=teacher, use_memory=use_memory)
+
+
+def parallel_logits(model, ids, teacher=False, use_memory=True):
+    """The parallel forward model(ids) [B, T, V], jitted (eager dispatch of the tiny model is slower than a compile).
+    One jitted function with the graph static: tests that run one make() model on the same shapes share its compile
+    (~1.5 s each). The switches the inference tests patch (decode, cache) are not read by this forward."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, teacher=teacher))(state, ids)
+    return _forward(graphdef, state, ids, teacher, use_memory)
 
 
 def random_ids(B, T, seed=0):
@@ -45,9 +52,7 @@ def random_ids(B, T, seed=0):
 
 def memory_effect(model, ids):
     """max |student - window-only| logits: proves the memory contributes on this input."""
-    graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, use_memory=False))
-    return float(jnp.abs(parallel_logits(model, ids) - f(state, ids)).max())
+    return float(jnp.abs(parallel_logits(model, ids) - parallel_logits(model, ids, use_memory=False)).max())
 
 
 def greedy_with_switch_off_and_on(monkeypatch, dec, ids, chunk, switch, kernel_module, kernel_name, steps=4):
