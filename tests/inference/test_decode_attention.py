@@ -155,8 +155,11 @@ def test_query_tiled_attention_equals_one_block(monkeypatch):
               (ring_k, ring_v, ring_pos, jnp.asarray(ring_pos >= 0)),
               (chunk_k, chunk_v, q_pos, jnp.ones((B, tq), bool))]
     blocks = jax.tree.map(jnp.asarray, blocks)
-    whole = block_attention(q, blocks, q_pos, window=window, sinks=sinks)
-    tiled = decode_module.tiled_block_attention(q, blocks, q_pos, window=window, sinks=sinks, tile=4)
+    # Jitted: op by op the two took ~4 s, compiled ~1.3 s.
+    whole = jax.jit(lambda q, blocks, q_pos: block_attention(q, blocks, q_pos, window=window, sinks=sinks))(
+        q, blocks, q_pos)
+    tiled = jax.jit(lambda q, blocks, q_pos: decode_module.tiled_block_attention(
+        q, blocks, q_pos, window=window, sinks=sinks, tile=4))(q, blocks, q_pos)
     np.testing.assert_allclose(np.asarray(tiled), np.asarray(whole), atol=1e-6, rtol=0)
 
     monkeypatch.setattr(decode_module, "PREFILL_QUERY_TILE", 3)
