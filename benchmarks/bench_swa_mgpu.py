@@ -44,7 +44,7 @@ class Shape:
             self.sinks, self.windows, self.main_window = 8, (64, 128), 64
             self.ref_cases = ((64, 8), (20, 100), (1, 0))
             self.reps, self.warmup = 1, 1
-            self.variants = [(128, 2, True, 0), (128, 2, True, 2)]
+            self.variants = [(128, 2, True, 0, 1), (128, 2, True, 2, 1), (128, 2, True, 2, 2)]
             self.bwd_variants = {"mm_pp": dict(forward="mosaic", backward="mosaic", switches=(True, True, True)),
                                  "mm_persistent": dict(forward="mosaic", backward="mosaic", persistent=True),
                                  "mm_fused_dq": dict(forward="mosaic", backward="mosaic", fused=True),
@@ -54,9 +54,11 @@ class Shape:
             self.sinks, self.windows, self.main_window = 128, (1024, 4096, 8192), 4096
             self.ref_cases = ((1024, 128), (300, 1000), (64, 0), (4096, 0), (1, 0))
             self.reps, self.warmup = 20, 2
-            # (block_kv, ring depth, ping-pong, persistent CTAs or 0); 128 x 4 stages would need 256 KB of K/V
-            # slots: over the 227 KB. (128, 2, ping-pong) was the first run's best (RESULTS.md).
-            self.variants = [(128, 2, True, 0), (128, 2, True, mgpu.sm_count())]
+            # (block_kv, ring depth, ping-pong, persistent CTAs or 0, Q buffers); 128 x 4 stages would need 256 KB
+            # of K/V slots: over the 227 KB. (128, 2, ping-pong) was the first run's best (RESULTS.md). Q buffers 2:
+            # the persistent grid loads the next tile's Q during this one (MgpuConfig.q_buffers).
+            sm = mgpu.sm_count()
+            self.variants = [(128, 2, True, 0, 1), (128, 2, True, sm, 1), (128, 2, True, sm, 2)]
             mm = dict(forward="mosaic", backward="mosaic")
             # Earlier runs (RESULTS.md): dq key tile 64 / 128 and rings 2 / 3 within 4 %, ping-pong 2-5 % slower,
             # paired dv/dk accumulations and 3-slot rings faster (now the defaults). switches = (ping-pong dq,
@@ -70,11 +72,12 @@ class Shape:
             self.bwd_variants = {"mm_defaults": mm, "mm_split1": dict(mm, split=1)}
 
 
-def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, interpret):
+def mosaic_forward(window, sinks, block_kv, stages, schedule, persistent_ctas, q_buffers, interpret):
     def run(q, k, v):
         scale = q.shape[-1] ** -0.5
         cfg = mgpu.MgpuConfig(window=window, sinks=sinks, scale=scale, block_kv=block_kv, stages=stages,
-                              schedule_barrier=schedule, persistent_ctas=persistent_ctas, interpret=interpret)
+                              schedule_barrier=schedule, persistent_ctas=persistent_ctas, q_buffers=q_buffers,
+                              interpret=interpret)
         tp = -(-q.shape[1] // max(mgpu.ROWS_PER_CTA, block_kv)) * max(mgpu.ROWS_PER_CTA, block_kv)
         pad = ((0, 0), (0, tp - q.shape[1]), (0, 0), (0, 0))
         o, lse = mgpu.forward(*(jnp.pad(x, pad) for x in (q, k, v)), cfg)
@@ -109,8 +112,9 @@ def good(e):
 
 
 def name(v):
-    bk, stages, schedule, persistent = v
-    return f"bk{bk}_s{stages}_{'pp' if schedule else 'nopp'}" + (f"_persistent{persistent}" if persistent else "")
+    bk, stages, schedule, persistent, q_buffers = v
+    return (f"bk{bk}_s{stages}_{'pp' if schedule else 'nopp'}" + (f"_persistent{persistent}" if persistent else "")
+            + (f"_q{q_buffers}" if q_buffers > 1 else ""))
 
 
 def main():

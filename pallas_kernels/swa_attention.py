@@ -65,6 +65,7 @@ class _Config:
     backward: str  # "triton": _dq_kernel + _dkdv_kernel; "mosaic": swa_attention_mgpu.backward
     mosaic_switches: tuple  # ((MgpuBwdConfig field, value), ...): the Mosaic backward's module switches
     persistent_ctas: int  # Mosaic forward: CTAs of its persistent grid (0: one per tile), from its module switch
+    q_buffers: int  # Mosaic forward: Q/O buffers per warpgroup (2: next tile's Q prefetched), from its module switch
     interpret: bool
 
 
@@ -197,7 +198,8 @@ def _forward(q, k, v, cfg: _Config):
 
         return mgpu.forward(q, k, v, mgpu.MgpuConfig(window=cfg.window, sinks=cfg.sinks, scale=cfg.scale,
                                                     block_kv=cfg.block_k, stages=cfg.num_stages,
-                                                    persistent_ctas=cfg.persistent_ctas, interpret=cfg.interpret))
+                                                    persistent_ctas=cfg.persistent_ctas, q_buffers=cfg.q_buffers,
+                                                    interpret=cfg.interpret))
     pl = _pallas()
     b, tp, hq, d = q.shape
     group = hq // k.shape[2]
@@ -596,16 +598,20 @@ def swa_attention(q, k, v, *, window: int, sinks: int = 0, scale: float | None =
     if "mosaic" in (forward, backward):
         tile = max(tile, mgpu.ROWS_PER_CTA)
     tp = -(-t // tile) * tile
+    persistent_ctas = _persistent_ctas(forward, min(window, tp), interpret)
+    stages = num_stages or stages
     cfg = _Config(window=min(window, tp), sinks=min(sinks, t), scale=float(d ** -0.5 if scale is None else scale),
                   seq_len=t, padded_len=tp, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
                   block_k_bwd=block_k_bwd, block_q_dq=block_q_dq, block_k_dq=block_k_dq,
                   num_warps=num_warps or warps, num_warps_bwd=num_warps_bwd or warps_bwd,
-                  num_warps_dq=num_warps_dq or num_warps_bwd or warps_bwd, num_stages=num_stages or stages,
+                  num_warps_dq=num_warps_dq or num_warps_bwd or warps_bwd, num_stages=stages,
                   num_stages_bwd=num_stages_bwd or stages_bwd,
                   num_stages_dq=num_stages_dq or num_stages_bwd or stages_bwd, dq_mode=dq_mode,
                   lazy_rescale=bool(lazy_rescale), forward=forward, backward=backward,
                   mosaic_switches=_mosaic_switches(backward, d, block_q_bwd, interpret, min(window, tp)),
-                  persistent_ctas=_persistent_ctas(forward, min(window, tp), interpret), interpret=bool(interpret))
+                  persistent_ctas=persistent_ctas,
+                  q_buffers=mgpu.forward_q_buffers(persistent_ctas, block_k, stages, d, jnp.dtype(q.dtype).itemsize)
+                  if forward == "mosaic" else 1, interpret=bool(interpret))
     if tp != t:
         pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)

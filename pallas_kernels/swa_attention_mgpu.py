@@ -9,7 +9,8 @@ Triton lowering issues no warp-specialised wgmma pipeline and tops out near 400 
 The forward (the backward's kernels are described above `MgpuBwdConfig`):
 
 A tile is 128 query rows of one query head; a CTA handles one tile, or on a persistent grid (MgpuConfig.
-persistent_ctas, FORWARD_PERSISTENT) every num_ctas-th tile with its K/V ring streaming across them. Three warpgroups:
+persistent_ctas, FORWARD_PERSISTENT) every num_ctas-th tile with its K/V ring streaming across them (and, with
+q_buffers=2, the next tile's Q loading while this one runs). Three warpgroups:
   - two compute warpgroups, 64 query rows each: S = Q K^T (wgmma, accumulators in registers), online softmax in
     log2 units, O += P V (wgmma with P from registers). They take turns on the tensor cores through a shared
     "schedule" barrier so one warpgroup's softmax overlaps the other's matmuls;
@@ -40,11 +41,16 @@ DEFAULT_STAGES = 2
 DEFAULT_STAGES_BWD = 3  # both backward kernels' rings: 3 beat 2 by ~3 % with the paired dk/dv accumulations
 # Module switches read when swa_attention builds its configuration (so a benchmark can compare variants without more
 # keywords). FORWARD_PERSISTENT: the forward on a persistent grid of one CTA per SM: True, False, or "auto" = for
-# windows up to PERSISTENT_MAX_WINDOW (H100, 7 interleaved timings, median vs cuDNN: W=1024 1.07-1.08x persistent vs
-# 1.12-1.17x not, W=2048 1.05x vs 1.04x, W=4096 1.02x vs 1.02x, W=8192 0.97x vs 0.94x).
+# windows up to PERSISTENT_MAX_WINDOW. FORWARD_Q_BUFFERS: 2 = on a persistent grid the next tile's Q loads while this
+# tile runs (MgpuConfig.q_buffers; where shared memory holds it), 1 = not. H100, 7 interleaved timings, median vs
+# cuDNN at W = 1024 / 2048 / 4096 / 8192: one CTA per tile 1.12 / 1.01 / 0.98 / 0.98x, persistent 1.06 / 1.04 /
+# 0.99 / 0.99x, persistent with 2 Q buffers 1.00 / 1.00 / 0.97 / 0.95x (benchmarks/RESULTS.md, seventh round): the
+# last is the default at every window. Before the Q buffers "auto" (persistent up to 2048) was the default.
 # MgpuBwdConfig's schedule_dq / schedule_dkv / paired_dkv: ping-pong measured 2-5 % slower, pairing 1.5 % faster.
-FORWARD_PERSISTENT = "auto"
+FORWARD_PERSISTENT = True
 PERSISTENT_MAX_WINDOW = 2048
+FORWARD_Q_BUFFERS = 2
+SMEM_BYTES = 227 * 1024  # the H100's shared memory per CTA
 BWD_SCHEDULE_DQ = False
 BWD_SCHEDULE_DKV = False
 BWD_PAIRED_DKV = True
@@ -84,7 +90,20 @@ class MgpuConfig:
     stages: int = DEFAULT_STAGES  # K/V ring depth
     schedule_barrier: bool = True  # ping-pong the two compute warpgroups on the tensor cores
     persistent_ctas: int = 0  # > 0: at most this many CTAs, each walking several tiles (the SM count); 0: one per tile
+    # Q/O shared-memory buffers per compute warpgroup. 2 (persistent grids): the next tile's Q is loaded while this
+    # tile runs and its O store is not waited for, so a tile change costs no TMA round trip (64 KB more shared memory).
+    q_buffers: int = 1
     interpret: bool = False
+
+
+def forward_q_buffers(persistent_ctas: int, block_kv: int, stages: int, d: int, itemsize: int = 2) -> int:
+    """MgpuConfig.q_buffers per FORWARD_Q_BUFFERS: 2 on a persistent grid where the K/V ring and two Q/O (+ lse)
+    buffers per compute warpgroup fit in shared memory, else 1."""
+    if FORWARD_Q_BUFFERS == 1 or not persistent_ctas:
+        return 1
+    ring = 2 * stages * block_kv * d * itemsize
+    q_and_lse = COMPUTE_WGS * 2 * ROWS_PER_WG * (d * itemsize + 4)
+    return 2 if ring + q_and_lse <= SMEM_BYTES else 1
 
 
 def supported(q, k, block_kv: int = 128) -> str | None:
@@ -292,19 +311,36 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
         n_sink, win_lo, win_hi = _step_plan(cta_q0, cfg)
         return head, lax.div(rest, n_q_tiles), cta_q0, n_sink, win_lo, win_hi, n_sink + win_hi - win_lo
 
+    nq = cfg.q_buffers
+
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        q_smem = qo_smem.at[wg]
         regs = _Regs(cfg.interpret)  # loop carries in the layouts the wgmma results come in
         pp = _PingPong(sched, wg, cfg.schedule_barrier)
+
+        def load_q(i, buf):
+            head, batch, cta_q0 = tile_plan(i)[:3]
+            rows = pl.ds(cta_q0 + wg * ROWS_PER_WG, ROWS_PER_WG)
+            plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], qo_smem.at[wg, buf], q_ready.at[wg * nq + buf])
+
+        if nq == 2:
+            load_q(0, 0)
         pp.begin()
 
         def one_tile(i, base):  # base: ring steps taken before this tile
             head, batch, cta_q0, n_sink, win_lo, win_hi, n_steps = tile_plan(i)
             q0 = cta_q0 + wg * ROWS_PER_WG
-            plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head], q_smem, q_ready.at[wg])
-            plgpu.barrier_wait(q_ready.at[wg])
+            buf = lax.rem(i, nq)
+            q_smem, lse_buf = qo_smem.at[wg, buf], lse_smem.at[wg, buf]
+            if nq == 1:
+                load_q(i, buf)
+            plgpu.barrier_wait(q_ready.at[wg * nq + buf])
+            if nq == 2:
+                @pl.when(i + 1 < my_tiles)
+                def _prefetch():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # tile i - 1's O / lse left the other buffer
+                    load_q(i + 1, 1 - buf)
 
             def step(s, carry, masked):
                 acc, m, l = carry
@@ -343,15 +379,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *, cfg: MgpuCo
             acc, m, l = carry
             # Every row sees at least its own key, so l > 0 (padded rows too: they see themselves).
             acc = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-            q_smem[...] = acc.astype(dtype)
-            lse_smem.at[wg][...] = (m + jnp.log2(l)) * _LN2
+            q_smem[...] = acc.astype(dtype)  # O takes Q's place: every product with Q is done
+            lse_buf[...] = (m + jnp.log2(l)) * _LN2
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, pl.ds(q0, ROWS_PER_WG), head])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q0, ROWS_PER_WG)])
-            plgpu.wait_smem_to_gmem(0)  # the next tile's q lands in the same buffer
+            plgpu.copy_smem_to_gmem(lse_buf, lse_ref.at[batch, head, pl.ds(q0, ROWS_PER_WG)])
+            if nq == 1:
+                plgpu.wait_smem_to_gmem(0)  # the next tile's q lands in the same buffer
             return base + n_steps
 
         lax.fori_loop(0, my_tiles, one_tile, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
         pp.end()
 
     @pl.when(wg == COMPUTE_WGS)
@@ -377,6 +415,8 @@ def forward(q, k, v, cfg: MgpuConfig):
     why = supported(q, k, cfg.block_kv)
     if why:
         raise ValueError(f"swa_attention_mgpu: unsupported {why}")
+    if cfg.q_buffers not in (1, 2):
+        raise ValueError(f"swa_attention_mgpu: q_buffers must be 1 or 2, got {cfg.q_buffers}")
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     bk, stages = cfg.block_kv, cfg.stages
 
@@ -385,15 +425,15 @@ def forward(q, k, v, cfg: MgpuConfig):
             lambda *scratch: _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, cfg=cfg,
                                              group=hq // hkv, num_ctas=num_ctas),
             (
-                plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG, d), q.dtype, transforms=swizzled),
+                plgpu.SMEM((COMPUTE_WGS, cfg.q_buffers, ROWS_PER_WG, d), q.dtype, transforms=swizzled),
                 plgpu.SMEM((stages, bk, d), k.dtype, transforms=swizzled),
                 plgpu.SMEM((stages, bk, d), v.dtype, transforms=swizzled),
-                plgpu.SMEM((COMPUTE_WGS, ROWS_PER_WG), jnp.float32),
+                plgpu.SMEM((COMPUTE_WGS, cfg.q_buffers, ROWS_PER_WG), jnp.float32),
             ),
             (
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                plgpu.Barrier(num_barriers=COMPUTE_WGS * cfg.q_buffers),
             ),
             (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),

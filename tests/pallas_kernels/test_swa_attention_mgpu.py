@@ -47,6 +47,8 @@ def _check_forward(seed, t, hq, hkv, window, sinks, **cfg):
     [
         (384, 2, 1, 100, 10, dict(block_kv=64)),
         (256, 2, 1, 70, 3, dict(persistent_ctas=3)),  # persistent grid: 4 tiles over 3 CTAs, the ring across tiles
+        # Q double-buffered: 6 tiles over 2 CTAs, so each buffer is reused after its O store
+        (384, 2, 1, 100, 10, dict(persistent_ctas=2, q_buffers=2)),
         pytest.param(640, 2, 1, 300, 130, dict(block_kv=64, stages=3, persistent_ctas=4), marks=pytest.mark.slow),
         pytest.param(300, 2, 2, 129, 130, dict(block_kv=128), marks=pytest.mark.slow),
         pytest.param(384, 1, 1, 1, 0, dict(block_kv=64, stages=3), marks=pytest.mark.slow),
@@ -164,14 +166,16 @@ def test_unsupported_operands_raise(kwargs, message):
         swa_attention(q, k, v, window=8, backward="cuda")
 
 
-@pytest.mark.parametrize("block_kv,stages", [(128, 2), (64, 4)])
-def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages):
+@pytest.mark.parametrize("block_kv,stages,extra", [(128, 2, {}), (64, 4, {}),
+                                                   (128, 2, dict(persistent_ctas=132, q_buffers=2))])
+def test_forward_lowers_to_mosaic_gpu_for_cuda(block_kv, stages, extra):
     """The wgmma form (transposed K view, preloaded accumulator, layouts) traces and lowers through Pallas's Mosaic
-    GPU path on this CPU-only machine; PTX compilation and speed need the GPU."""
+    GPU path on this CPU-only machine (shared memory within the H100's 227 KB: the lowering checks it); PTX
+    compilation and speed need the GPU."""
     s = jax.ShapeDtypeStruct
     args = [s((1, 1024, 16, 128), jnp.bfloat16), s((1, 1024, 2, 128), jnp.bfloat16),
             s((1, 1024, 2, 128), jnp.bfloat16)]
-    cfg = mgpu.MgpuConfig(window=300, sinks=128, scale=0.1, block_kv=block_kv, stages=stages)
+    cfg = mgpu.MgpuConfig(window=300, sinks=128, scale=0.1, block_kv=block_kv, stages=stages, **extra)
     text = export.export(jax.jit(lambda q, k, v: mgpu.forward(q, k, v, cfg)), platforms=("cuda",))(*args).mlir_module()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
 
@@ -224,6 +228,17 @@ def test_dkv_split_rule(monkeypatch):
     assert [split(w) for w in (1, 1024, 2048, 4096, 6143, 6144, 8192, 32768)] == [2, 2, 2, 1, 1, 3, 3, 3]
     monkeypatch.setattr(mgpu, "BWD_DKV_SPLIT", 4)
     assert split(1024) == 4
+
+
+def test_forward_q_buffers_rule(monkeypatch):
+    """Two Q buffers (the next tile's Q prefetched) only on a persistent grid and only where shared memory holds
+    them next to the K/V ring (128-key slots: 2 stages fit, 3 do not); FORWARD_Q_BUFFERS=1 turns them off."""
+    assert mgpu.forward_q_buffers(132, 128, 2, 128) == 2
+    assert mgpu.forward_q_buffers(132, 64, 4, 128) == 2
+    assert mgpu.forward_q_buffers(132, 128, 3, 128) == 1  # 192 KB ring + 66 KB of Q/O: over 227 KB
+    assert mgpu.forward_q_buffers(0, 128, 2, 128) == 1  # one tile per CTA: nothing to prefetch
+    monkeypatch.setattr(mgpu, "FORWARD_Q_BUFFERS", 1)
+    assert mgpu.forward_q_buffers(132, 128, 2, 128) == 1
 
 
 @pytest.mark.gpu
