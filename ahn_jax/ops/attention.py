@@ -346,8 +346,10 @@ def _pallas_impl(q, k, v, *, window, sinks, scale, return_lse, max_window, max_s
 _pallas_impl.unsupported = _pallas_unsupported
 
 dispatch.register("attention", "xla", "ahn_jax.ops.attention:_xla_impl", {"cpu": 0, "gpu": 0, "tpu": 0})
-# GPU ranking (benchmarks/RESULTS.md): cuDNN (sinks == 0 only) beats the Pallas kernel by 1.2-1.4x; the Pallas kernel
-# handles sinks with O(T (W+S)) cost, unlike the xla path. Not registered for TPU: it has never run there.
+# GPU ranking (benchmarks/RESULTS.md): cuDNN (sinks == 0 only) first: on the H100 the Mosaic kernels with 128 sinks
+# run at 0.93-1.00x its forward and 1.00-1.07x its forward+backward (W 1024-8192; it has no sinks), the Triton kernels
+# of other GPUs at 1.2-1.4x. Every call with sinks goes to the Pallas kernel (cuDNN plus a sink merge would not be
+# differentiable: see "cudnn" above), with O(T (W+S)) cost. Not registered for TPU: it has never run there.
 dispatch.register("attention", "pallas", "ahn_jax.ops.attention:_pallas_impl", {"gpu": 0.5, "cpu": None})
 dispatch.register("attention", "cudnn", "ahn_jax.ops.attention:_cudnn_impl", {"gpu": 1})
 dispatch.register("attention", "splash", "ahn_jax.ops.attention:_splash_impl", {"tpu": 1})
