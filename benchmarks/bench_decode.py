@@ -263,13 +263,13 @@ def attention_only_seconds(dec, cache, steps):
 
 def compiled_step_text(dec, cache, fused=None):
     """The optimised HLO of the compiled, donated decode step; fused: the memory kernel on/off (None: the library's
-    setting; on uses decode.FUSED_MEMORY_BLOCK_V as the step itself does)."""
+    setting; on uses decode.FUSED_MEMORY_BLOCK_V / FUSED_MEMORY_COLUMNS as the step itself does)."""
     from ahn_jax.inference import decode as decode_module
 
     if fused is None:
         fused = decode_module._fused_memory_static()
     elif fused:
-        fused = ("fused", decode_module.FUSED_MEMORY_BLOCK_V)
+        fused = ("fused", decode_module.FUSED_MEMORY_BLOCK_V, decode_module.FUSED_MEMORY_COLUMNS)
     fn = jax.jit(decode_module._forward, static_argnums=(0,),
                  static_argnames=("decoding", "first_valid", "all_logits", "fused_memory", "attention_kernel"),
                  donate_argnums=(2,))
@@ -489,6 +489,9 @@ def main(argv=None):
     p.add_argument("--fused-block-v", type=int, default=None,
                    help="with --fused-memory: the hybrid_fused rows (and their check) use the split form of the kernel "
                         "with this value block (decode.FUSED_MEMORY_BLOCK_V)")
+    p.add_argument("--fused-columns", type=int, default=None,
+                   help="the fused memory step in its column form with this value block (decode.FUSED_MEMORY_COLUMNS):"
+                        " the library's hybrid rows, or with --fused-memory the hybrid_fused rows and their check")
     p.add_argument("--attention-kernel", action="store_true",
                    help="also time every row with the Pallas decode-attention kernel (decode.DECODE_ATTENTION_KERNEL; "
                         "kinds full_attnk / hybrid_attnk), after checking it against the XLA block attention at the "
@@ -516,6 +519,8 @@ def main(argv=None):
     DONATE_LOGITS = args.donate_logits
     if args.fused_block_v is not None:
         decode_module.FUSED_MEMORY_BLOCK_V = args.fused_block_v
+    if args.fused_columns is not None:
+        decode_module.FUSED_MEMORY_COLUMNS = args.fused_columns
     if args.fused_check_only:
         return fused_check_only(args, out_dir)
     device = jax.devices()[0]
@@ -527,7 +532,7 @@ def main(argv=None):
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
     result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "fused_block_v": args.fused_block_v, "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+              "fused_block_v": args.fused_block_v, "fused_columns": args.fused_columns, "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],

@@ -29,6 +29,15 @@ state update and readout are independent per value column, so a first kernel run
 programs, each on a [D, block_v] slice of the state, and writes o; a second kernel over (B, Hq) applies the head
 (which needs all of o for its RMSNorm). Same rounding as the one-kernel form.
 
+Column form (fused_delta_decode_columns): the split form's grid without its second kernel. Program (b, h, j) loads
+its [D, block_v] state slice and the matching block_v rows of o_proj[h] before anything that depends on the ring
+slot, updates and reads out its columns, and writes two partials of the head: ss = sum of its o^2 and
+py = sum_i rnd(o_i o_norm_i) o_proj[h, i, :] ([D] float32). XLA finishes the head,
+y_h = rsqrt(sum_j ss / D + eps) silu(gamma_h) sum_j py_j, with gamma = u . g_proj computed by the caller (where it can
+share the q/k/v projection's gemm). The RMS scale and the gate are per-head scalars factored out of the o_proj sum:
+the same math in float32; in bf16 the operand rounded before the o_proj product is o * o_norm instead of the whole
+normed row (ulp-level differences).
+
 Two ways to get the evicted token: gather_in_kernel=True indexes the ring refs at the slot loaded from `slot`
 (dynamic scalar indices, which the Triton lowering turns into pointer offsets); False gathers the [B, Hkv, D] rows and
 [B, Hq] gates with XLA first (one extra small fusion) and the kernel reads them at index 0, a fallback if the dynamic
@@ -50,6 +59,8 @@ from pallas_kernels.common import F32, pallas_module, triton_params
 # keep them at ~64 registers per thread each.
 NUM_WARPS = 8
 SPLIT_STATE_WARPS = 4  # the split form's state kernel holds a [D, block_v] slice only
+COLUMN_BLOCK = 16  # the column form's value columns per program: 128 programs for Qwen2.5-3B at batch 1
+COLUMN_WARPS = 4  # the split form's state kernel holds a [D, block_v] slice only
 _L2_EPS = 1e-6  # ops.gated_delta.l2_normalize
 
 
@@ -153,6 +164,30 @@ def _state_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, gro
     o_ref[b, h, cols] = o.astype(o_ref.dtype)
 
 
+def _column_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, has_decay, gathered, scale,
+                   cdt, block_v):
+    """Column form: one (sequence, query head, block of value columns) updates its [D, block_v] state slice and
+    writes the head's partials ss [1] and py [D] for its columns. The slot-independent loads come first."""
+    pl = pallas_module()
+    g_ref, onorm_ref, oproj_ref, state_in_ref, ss_ref, py_ref, state_ref = refs if has_decay else (None, *refs)
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    cols = pl.ds(j * block_v, block_v)
+    s_old = state_in_ref[b, h, :, cols]
+    w = _rnd(oproj_ref[h, cols, :].astype(F32), cdt)  # [block_v, D]: the rows of o_proj[h] these columns feed
+    o_norm = onorm_ref[cols].astype(F32)
+    q, k, beta, decay, slot, hk, evict = _evicted_inputs(slot_ref, evict_ref, q_ref, k_ref, beta_ref, g_ref, b, h,
+                                                         group, gathered, cdt)
+    v = _rnd(v_ref[b, hk, slot, cols].astype(F32), cdt)
+    s, o = _update_and_read(s_old, q, k, v, beta, decay, scale, cdt)
+
+    @pl.when(evict)
+    def _():
+        state_ref[b, h, :, cols] = s
+
+    ss_ref[b, h, j, :] = jnp.full((8,), jnp.sum(o * o), F32)  # 8 lanes: a vector store (all equal; lane 0 is read)
+    py_ref[b, h, j, :] = jnp.sum(_rnd(o * o_norm, cdt)[:, None] * w, axis=0)
+
+
 def _head_kernel(evict_ref, o_ref, u_ref, gproj_ref, onorm_ref, oproj_ref, y_ref, *, norm_eps, cdt, hidden_block,
                  n_hidden_blocks):
     """Split form, second kernel: the head of one (sequence, query head) from the readout o."""
@@ -177,34 +212,18 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
     (B, Hq) (at batch 1 the one-kernel form has only Hq programs); None: one kernel.
     Returns (y [B, Hq * D] in compute_dtype, zero where evict is False; new state [B, Hq, D, D] float32).
     """
+    _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
     bsz, hq, d = q.shape
-    if ring_k.ndim != 4 or ring_v.shape != ring_k.shape or ring_k.shape[0] != bsz or ring_k.shape[3] != d \
-            or hq % ring_k.shape[1]:
-        raise ValueError(f"fused_delta_decode: ring_k, ring_v must be [B={bsz}, Hkv, R, D={d}] with Hq={hq} a "
-                         f"multiple of Hkv; got ring_k {ring_k.shape}, ring_v {ring_v.shape}")
-    hkv, ring = ring_k.shape[1], ring_k.shape[2]
-    if state.shape != (bsz, hq, d, d):
-        raise ValueError(f"fused_delta_decode: state must be [B, Hq, D, D] = {(bsz, hq, d, d)}, got {state.shape}")
-    for name, x in (("beta", beta), ("g", g)):
-        if x is not None and x.shape != (bsz, ring, hq):
-            raise ValueError(f"fused_delta_decode: {name} must be [B, R, Hq] = {(bsz, ring, hq)}, got {x.shape}")
-    if slot.shape != (bsz,) or evict.shape != (bsz,):
-        raise ValueError(f"fused_delta_decode: slot and evict must be [B={bsz}], got {slot.shape}, {evict.shape}")
+    hkv = ring_k.shape[1]
     if u.ndim != 2 or u.shape[0] != bsz or g_proj.shape != (u.shape[1], hq):
         raise ValueError(f"fused_delta_decode: u must be [B={bsz}, hidden] and g_proj [hidden, Hq={hq}]; got u "
                          f"{u.shape}, g_proj {g_proj.shape}")
-    if o_norm.shape != (d,) or o_proj.shape != (hq, d, d):
-        raise ValueError(f"fused_delta_decode: o_norm must be [D={d}] and o_proj [Hq, D, D] = {(hq, d, d)}; got "
-                         f"{o_norm.shape}, {o_proj.shape}")
     cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     slot = slot.astype(jnp.int32)
-    if not gather_in_kernel:  # XLA gathers the evicted rows; the kernel reads index 0 of a 1-slot "ring"
-        rows = jnp.arange(bsz)
-        ring_k, ring_v = ring_k[rows, :, slot][:, :, None], ring_v[rows, :, slot][:, :, None]
-        beta = beta[rows, slot][:, None]
-        g = None if g is None else g[rows, slot][:, None]
+    if not gather_in_kernel:
+        ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
     hidden = u.shape[1]
     block = _hidden_block(hidden)
     pl = pallas_module()
@@ -219,8 +238,7 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
             name="fused_delta_decode", out_shape=(y_shape, jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
             input_output_aliases={len(args) - 1: 1}, compiler_params=triton_params(NUM_WARPS, 1))(*args)
         return y, new_state
-    if not isinstance(block_v, int) or block_v < 1 or d % block_v:
-        raise ValueError(f"fused_delta_decode: block_v must be an int dividing D={d}, got {block_v!r}")
+    _check_block_v(block_v, d)
     args = gates + [state.astype(F32)]
     o, new_state = pl.pallas_call(
         functools.partial(_state_kernel, **common, block_v=block_v), grid=(bsz, hq, d // block_v),
@@ -233,3 +251,70 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
         out_shape=y_shape, compiler_params=triton_params(NUM_WARPS, 1))(
         evict.astype(jnp.int32), o, u, g_proj, o_norm, o_proj)
     return y, new_state
+
+
+def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, gamma, o_norm, o_proj, *, scale,
+                               norm_eps, compute_dtype=None, block_v=COLUMN_BLOCK, gather_in_kernel=True,
+                               interpret=None):
+    """The column form of fused_delta_decode (module docstring): the same step over (B, Hq, D / block_v) programs, one
+    kernel, the head finished by XLA. gamma [B, Hq] float32: u . g_proj rounded to the compute dtype (what
+    fused_delta_decode computes from u and g_proj). Other arguments and the result as in fused_delta_decode."""
+    _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
+    bsz, hq, d = q.shape
+    hkv = ring_k.shape[1]
+    if gamma.shape != (bsz, hq):
+        raise ValueError(f"fused_delta_decode_columns: gamma must be [B, Hq] = {(bsz, hq)}, got {gamma.shape}")
+    _check_block_v(block_v, d)
+    cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    slot = slot.astype(jnp.int32)
+    if not gather_in_kernel:
+        ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
+    nj = d // block_v
+    args = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g]) + [
+        o_norm, o_proj, state.astype(F32)]
+    ss, py, new_state = pallas_module().pallas_call(
+        functools.partial(_column_kernel, group=hq // hkv, has_decay=g is not None, gathered=not gather_in_kernel,
+                          scale=float(scale), cdt=cdt, block_v=block_v),
+        grid=(bsz, hq, nj), interpret=interpret, name="fused_delta_decode_columns",
+        out_shape=(jax.ShapeDtypeStruct((bsz, hq, nj, 8), F32), jax.ShapeDtypeStruct((bsz, hq, nj, d), F32),
+                   jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
+        input_output_aliases={len(args) - 1: 2}, compiler_params=triton_params(COLUMN_WARPS, 1))(*args)
+    gamma = gamma.astype(F32)
+    scale_h = lax.rsqrt(jnp.sum(ss[..., 0], axis=2) / d + norm_eps) * (gamma / (1.0 + jnp.exp(-gamma)))  # rms, silu
+    y = jnp.sum(py, axis=2) * scale_h[..., None]
+    y = jnp.where(evict[:, None, None], y, 0.0).astype(cdt)
+    return y.reshape(bsz, hq * d), new_state
+
+
+def _check_block_v(block_v, d):
+    if not isinstance(block_v, int) or block_v < 1 or d % block_v:
+        raise ValueError(f"fused_delta_decode: block_v must be an int dividing D={d}, got {block_v!r}")
+
+
+def _gather_evicted(ring_k, ring_v, beta, g, slot):
+    """XLA gathers the evicted rows; the kernel reads index 0 of a 1-slot "ring"."""
+    rows = jnp.arange(slot.shape[0])
+    ring_k, ring_v = ring_k[rows, :, slot][:, :, None], ring_v[rows, :, slot][:, :, None]
+    return ring_k, ring_v, beta[rows, slot][:, None], None if g is None else g[rows, slot][:, None]
+
+
+def _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj):
+    """Shape checks shared by the fused forms (errors name the tensor)."""
+    bsz, hq, d = q.shape
+    if ring_k.ndim != 4 or ring_v.shape != ring_k.shape or ring_k.shape[0] != bsz or ring_k.shape[3] != d \
+            or hq % ring_k.shape[1]:
+        raise ValueError(f"fused_delta_decode: ring_k, ring_v must be [B={bsz}, Hkv, R, D={d}] with Hq={hq} a "
+                         f"multiple of Hkv; got ring_k {ring_k.shape}, ring_v {ring_v.shape}")
+    hkv, ring = ring_k.shape[1], ring_k.shape[2]
+    if state.shape != (bsz, hq, d, d):
+        raise ValueError(f"fused_delta_decode: state must be [B, Hq, D, D] = {(bsz, hq, d, d)}, got {state.shape}")
+    for name, x in (("beta", beta), ("g", g)):
+        if x is not None and x.shape != (bsz, ring, hq):
+            raise ValueError(f"fused_delta_decode: {name} must be [B, R, Hq] = {(bsz, ring, hq)}, got {x.shape}")
+    if slot.shape != (bsz,) or evict.shape != (bsz,):
+        raise ValueError(f"fused_delta_decode: slot and evict must be [B={bsz}], got {slot.shape}, {evict.shape}")
+    if o_norm.shape != (d,) or o_proj.shape != (hq, d, d):
+        raise ValueError(f"fused_delta_decode: o_norm must be [D={d}] and o_proj [Hq, D, D] = {(hq, d, d)}; got "
+                         f"{o_norm.shape}, {o_proj.shape}")

@@ -55,6 +55,11 @@ FUSED_MEMORY_DECODE = "auto"
 # per step vs 0.455 for the one kernel (the head costs what was saved), greedy within noise (RESULTS.md, "Fifth
 # version"): off.
 FUSED_MEMORY_BLOCK_V = None
+# An int (dividing head_dim): the column form instead (pallas_kernels/memory_decode.fused_delta_decode_columns): one
+# kernel over (B, Hq, head_dim / block) programs that also writes the head's per-column partials, finished by XLA;
+# the head's gate projection gamma = u . g_proj is a 2-row gemm here (it can join the q/k/v gemm). Takes precedence
+# over FUSED_MEMORY_BLOCK_V.
+FUSED_MEMORY_COLUMNS = None
 # Decode attention (one new token per sequence) over each cache block as one Pallas kernel per block
 # (pallas_kernels/decode_attention.py: flash-decoding partials, merged here) instead of a dozen small XLA kernels.
 # H100, Qwen2.5-3B shapes, 128k context, ms per token in Decoder.greedy, XLA -> kernel: full KV b1 5.60 -> 5.46;
@@ -83,9 +88,9 @@ def decode_attention_kernel_enabled() -> bool:
 
 
 def _fused_memory_static():
-    """The static jit argument naming the memory decode path: False (XLA), or ("fused", FUSED_MEMORY_BLOCK_V) so that
-    changing either switch recompiles instead of reusing a stale step."""
-    return ("fused", FUSED_MEMORY_BLOCK_V) if fused_memory_decode_enabled() else False
+    """The static jit argument naming the memory decode path: False (XLA), or ("fused", FUSED_MEMORY_BLOCK_V,
+    FUSED_MEMORY_COLUMNS) so that changing any switch recompiles instead of reusing a stale step."""
+    return ("fused", FUSED_MEMORY_BLOCK_V, FUSED_MEMORY_COLUMNS) if fused_memory_decode_enabled() else False
 
 
 def model_parts(model, teacher: bool = False):
@@ -263,25 +268,33 @@ def fuses_memory_decode(mem) -> bool:
     return isinstance(mem, DeltaNetMemory) and not _feeds_all(mem)
 
 
-def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v=None):
-    """The evicted-token memory step of a (gated) DeltaNet memory as one Pallas kernel: state in per-sequence form
-    [B, 1, Hq, D, D] float32, q [B, 1, Hq, D], u [B, 1, hidden], slot [B] int, evict [B] bool. Same result as the
-    XLA path of _memory_decode (tests/inference/test_fused_memory_decode.py). -> (y [B, 1, Hq*D], state)."""
+def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v=None, columns=None):
+    """The evicted-token memory step of a (gated) DeltaNet memory as a Pallas kernel: state in per-sequence form
+    [B, 1, Hq, D, D] float32, q [B, 1, Hq, D], u [B, 1, hidden], slot [B] int, evict [B] bool; columns (an int): the
+    column form, else block_v picks the one-kernel / split form. Same result as the XLA path of _memory_decode
+    (tests/inference/test_fused_memory_decode.py). -> (y [B, 1, Hq*D], state)."""
+    from ahn_jax.models.layers import dot_rows
     from ahn_jax.models.memory.base import compute_dtype
-    from pallas_kernels.memory_decode import fused_delta_decode
+    from pallas_kernels import memory_decode
 
-    shape = state.shape
-    y, new = fused_delta_decode(
-        state.reshape(shape[0], *shape[2:]), q[:, 0], ring_k, ring_v, gates["beta"], gates.get("g"), slot, evict,
-        u[:, 0], mem.g_proj[...], mem.o_norm[...], mem.o_proj[...], scale=mem.head_dim ** -0.5,
-        norm_eps=mem.norm_eps, compute_dtype=compute_dtype(mem.dtype, q), block_v=block_v)
+    shape, cdt = state.shape, compute_dtype(mem.dtype, q)
+    common = (state.reshape(shape[0], *shape[2:]), q[:, 0], ring_k, ring_v, gates["beta"], gates.get("g"), slot, evict)
+    head = dict(scale=mem.head_dim ** -0.5, norm_eps=mem.norm_eps, compute_dtype=cdt)
+    if columns:
+        # gamma as DeltaNetMemory.read_out's project() rounds it (a cdt product, float32 sums), as a 2-row gemm
+        gamma = dot_rows(u[:, 0].astype(cdt), mem.g_proj[...].astype(cdt)).astype(cdt).astype(jnp.float32)
+        y, new = memory_decode.fused_delta_decode_columns(*common, gamma, mem.o_norm[...], mem.o_proj[...],
+                                                          block_v=columns, **head)
+    else:
+        y, new = memory_decode.fused_delta_decode(*common, u[:, 0], mem.g_proj[...], mem.o_norm[...],
+                                                  mem.o_proj[...], block_v=block_v, **head)
     return y[:, None], new.reshape(shape)
 
 
 def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks, fused=False):
     """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
     the written buffers (the evicted token t - W is still in its slot: R >= W + 1). Reads only the evicted slot.
-    fused: use the Pallas kernel where fuses_memory_decode(mem): True, or ("fused", block_v) as _fused_memory_static
+    fused: use the Pallas kernel where fuses_memory_decode(mem): True, or ("fused", block_v, columns) as _fused_memory_static
     gives it. Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
@@ -293,8 +306,8 @@ def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, win
     evict = pos >= first_memory_query(window, sinks)
     slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
     if fused and fuses_memory_decode(mem):
-        block_v = fused[1] if isinstance(fused, tuple) else None
-        return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v)
+        block_v, columns = (tuple(fused[1:]) + (None, None))[:2] if isinstance(fused, tuple) else (None, None)
+        return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v, columns)
     rows = jnp.arange(pos.shape[0])
     k_old, v_old = ring_k[rows, :, slot], ring_v[rows, :, slot]  # [B, Hkv, D]
     g_old = jax.tree.map(lambda g: g[rows, slot], gates)

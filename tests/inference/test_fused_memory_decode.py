@@ -48,9 +48,9 @@ def _step_inputs(mem, head_dim, dtype, seed, batch=4, hidden=HIDDEN, hq=HQ, hkv=
     return ring_k, ring_v, gates, state, q, u, positions
 
 
-def _run(mem, inputs, fused, block_v=None):
+def _run(mem, inputs, fused, block_v=None, columns=None):
     ring_k, ring_v, gates, state, q, u, positions = inputs
-    fused = ("fused", block_v) if fused else False  # what the jitted step gets (decode._fused_memory_static)
+    fused = ("fused", block_v, columns) if fused else False  # what the jitted step gets (decode._fused_memory_static)
     # k, v of the new token are not read on the evicted-token path (the ring holds them already).
     return jax.jit(lambda *a: _memory_decode(mem, *a[:5], None, None, *a[5:], WINDOW, SINKS, fused=fused))(
         ring_k, ring_v, gates, state, q, u, positions)
@@ -59,19 +59,22 @@ def _run(mem, inputs, fused, block_v=None):
 QWEN25_3B_DIMS = dict(hidden=2048, hq=16, hkv=2)  # what benchmarks/bench_decode.py runs (with head_dim 128)
 
 
-@pytest.mark.parametrize("cls,head_dim,dtype,dims,block_v", [
-    (GatedDeltaNetMemory, 16, jnp.float32, {}, None), (DeltaNetMemory, 32, jnp.float32, {}, None),
-    (GatedDeltaNetMemory, 32, jnp.bfloat16, {}, None), (DeltaNetMemory, 16, jnp.bfloat16, {}, None),
-    (GatedDeltaNetMemory, 16, jnp.float32, {}, 8), (DeltaNetMemory, 32, jnp.bfloat16, {}, 16),
-    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, None),
-    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None),
-    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, 32)])
-def test_fused_step_equals_the_xla_path(cls, head_dim, dtype, dims, block_v):
-    """block_v None: the one-kernel form; an int: the split form (state kernel over value blocks + head kernel)."""
+@pytest.mark.parametrize("cls,head_dim,dtype,dims,block_v,columns", [
+    (GatedDeltaNetMemory, 16, jnp.float32, {}, None, None), (DeltaNetMemory, 32, jnp.float32, {}, None, None),
+    (GatedDeltaNetMemory, 32, jnp.bfloat16, {}, None, None), (DeltaNetMemory, 16, jnp.bfloat16, {}, None, None),
+    (GatedDeltaNetMemory, 16, jnp.float32, {}, 8, None), (DeltaNetMemory, 32, jnp.bfloat16, {}, 16, None),
+    (GatedDeltaNetMemory, 16, jnp.float32, {}, None, 4), (DeltaNetMemory, 32, jnp.bfloat16, {}, None, 8),
+    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, None, None),
+    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None, None),
+    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, 32, None),
+    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None, 16)])
+def test_fused_step_equals_the_xla_path(cls, head_dim, dtype, dims, block_v, columns):
+    """block_v None: the one-kernel form; an int: the split form (state kernel over value blocks + head kernel);
+    columns an int: the column form (one kernel over value blocks, the head's partials finished by XLA)."""
     mem = _memory(cls, head_dim, seed=head_dim, **{k: v for k, v in dims.items() if k != "hkv"})
     inputs = _step_inputs(mem, head_dim, dtype, seed=3, **dims)
     y_ref, s_ref = _run(mem, inputs, fused=False)
-    y, s = _run(mem, inputs, fused=True, block_v=block_v)
+    y, s = _run(mem, inputs, fused=True, block_v=block_v, columns=columns)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and s.shape == s_ref.shape and s.dtype == s_ref.dtype
     evict = np.asarray(inputs[-1][:, 0] >= first_memory_query(WINDOW, SINKS))
     assert evict.any() and not evict.all()
@@ -136,15 +139,18 @@ def test_only_evicted_delta_rule_memories_are_fused():
     assert not fuses_memory_decode(make("mamba2", 5, 3).memories[0])
 
 
-@pytest.mark.parametrize("memory,window,sinks,block_v", [("gated_deltanet", 5, 3, None), ("deltanet", 6, 0, None),
-                                                          ("gated_deltanet", 5, 3, 4)])
-def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks, block_v, monkeypatch):
+@pytest.mark.parametrize("memory,window,sinks,block_v,columns", [
+    ("gated_deltanet", 5, 3, None, None), ("deltanet", 6, 0, None, None), ("gated_deltanet", 5, 3, 4, None),
+    ("gated_deltanet", 5, 3, None, 4), ("deltanet", 6, 0, None, 8)])
+def test_prefill_then_fused_decode_equals_parallel_forward(memory, window, sinks, block_v, columns, monkeypatch):
     calls = []
-    kernel = memory_decode.fused_delta_decode
-    monkeypatch.setattr(memory_decode, "fused_delta_decode",
-                        lambda *a, **k: calls.append(k["block_v"]) or kernel(*a, **k))
+    name = "fused_delta_decode_columns" if columns else "fused_delta_decode"
+    kernel = getattr(memory_decode, name)
+    monkeypatch.setattr(memory_decode, name, lambda *a, **k: calls.append(k["block_v"]) or kernel(*a, **k))
     monkeypatch.setattr(decode, "FUSED_MEMORY_DECODE", True)
     monkeypatch.setattr(decode, "FUSED_MEMORY_BLOCK_V", block_v)
+    monkeypatch.setattr(decode, "FUSED_MEMORY_COLUMNS", columns)
+    block_v = columns or block_v
     model = make(memory, window, sinks)
     ids = random_ids(2, 14, seed=1)
     ref = parallel_logits(model, ids)

@@ -42,6 +42,28 @@ def test_fused_delta_decode_lowers_to_triton_for_cuda(monkeypatch, gather_in_ker
     assert "fused_delta_decode" in text
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_delta_decode_columns_lowers_to_triton_for_cuda(monkeypatch, gated):
+    """The column form: one Triton kernel (16-column state slices, the head's partials); the head's end is XLA."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    monkeypatch.setattr(memory_decode, "triton_params",
+                        lambda w, s: plgpu_triton.CompilerParams(num_warps=w, num_stages=s))
+    B, HQ, HKV, D, R = 1, 4, 2, 128, 64
+    args = [S((B, HQ, D, D), jnp.float32), S((B, HQ, D), jnp.bfloat16), S((B, HKV, R, D), jnp.bfloat16),
+            S((B, HKV, R, D), jnp.bfloat16), S((B, R, HQ), jnp.float32),
+            S((B, R, HQ), jnp.float32) if gated else None, S((B,), jnp.int32), S((B,), jnp.bool_),
+            S((B, HQ), jnp.float32), S((D,), jnp.float32), S((HQ, D, D), jnp.float32)]
+
+    def step(*a):
+        return memory_decode.fused_delta_decode_columns(*a, scale=D ** -0.5, norm_eps=1e-5, interpret=False)
+
+    exported = export.export(jax.jit(step), platforms=("cuda",),
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 1 and "fused_delta_decode_columns" in text
+
+
 @pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 128), (jnp.float32, 64)])
 def test_decode_attention_lowers_to_triton_for_cuda(monkeypatch, dtype, d):
     """The decode-attention kernel (pallas_kernels/decode_attention.py; timed on an H100 since): the Qwen2.5-3B
