@@ -31,10 +31,9 @@ programs, each on a [D, block_v] slice of the state, and writes o; a second kern
 
 Column form (fused_delta_decode_columns): the split form's grid without its second kernel. Program (b, h, j) loads
 its [D, block_v] state slice and the matching block_v rows of o_proj[h] before anything that depends on the ring
-slot, updates and reads out its columns, and writes two partials of the head: ss = sum of its o^2 and
-py = sum_i rnd(o_i o_norm_i) o_proj[h, i, :] ([D] float32). XLA finishes the head,
-y_h = rsqrt(sum_j ss / D + eps) silu(gamma_h) sum_j py_j, with gamma = u . g_proj computed by the caller (where it can
-share the q/k/v projection's gemm). The RMS scale and the gate are per-head scalars factored out of the o_proj sum:
+slot, updates and reads out its columns, and writes partials of the head: ss = sum of its o^2, its share of the gate
+dot u . g_proj[:, h] (by hidden blocks) and py = sum_i rnd(o_i o_norm_i) o_proj[h, i, :] ([D] float32). XLA finishes
+the head, y_h = rsqrt(sum_j ss / D + eps) silu(gamma_h) sum_j py_j (fused into the layer's next elementwise kernel). The RMS scale and the gate are per-head scalars factored out of the o_proj sum:
 the same math in float32; in bf16 the operand rounded before the o_proj product is o * o_norm instead of the whole
 normed row (ulp-level differences).
 
@@ -165,16 +164,25 @@ def _state_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, gro
 
 
 def _column_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, group, has_decay, gathered, scale,
-                   cdt, block_v):
-    """Column form: one (sequence, query head, block of value columns) updates its [D, block_v] state slice and
-    writes the head's partials ss [1] and py [D] for its columns. The slot-independent loads come first."""
+                   cdt, block_v, hidden_block, n_hidden_blocks):
+    """Column form: one (sequence, query head, block j of value columns) updates its [D, block_v] state slice and
+    writes the head's partials for its columns: [sum of o^2, its share of u . g_proj[:, h], 0...] and py [D]. The
+    gate dot is shared out by hidden blocks j, j + nj, ... The slot-independent loads come first."""
     pl = pallas_module()
-    g_ref, onorm_ref, oproj_ref, state_in_ref, ss_ref, py_ref, state_ref = refs if has_decay else (None, *refs)
+    g_ref, u_ref, gproj_ref, onorm_ref, oproj_ref, state_in_ref, ss_ref, py_ref, state_ref = \
+        refs if has_decay else (None, *refs)
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nj = q_ref.shape[-1] // block_v
     cols = pl.ds(j * block_v, block_v)
     s_old = state_in_ref[b, h, :, cols]
     w = _rnd(oproj_ref[h, cols, :].astype(F32), cdt)  # [block_v, D]: the rows of o_proj[h] these columns feed
     o_norm = onorm_ref[cols].astype(F32)
+    gamma_part = jnp.zeros((), F32)
+    for i in range(-(-n_hidden_blocks // nj)):  # static: hidden blocks per program, rounded up
+        blk = j + i * nj
+        hs = pl.ds(jnp.minimum(blk, n_hidden_blocks - 1) * hidden_block, hidden_block)
+        part = jnp.sum(_rnd(u_ref[b, hs].astype(F32), cdt) * _rnd(gproj_ref[hs, h].astype(F32), cdt))
+        gamma_part += jnp.where(blk < n_hidden_blocks, part, 0.0)
     q, k, beta, decay, slot, hk, evict = _evicted_inputs(slot_ref, evict_ref, q_ref, k_ref, beta_ref, g_ref, b, h,
                                                          group, gathered, cdt)
     v = _rnd(v_ref[b, hk, slot, cols].astype(F32), cdt)
@@ -184,7 +192,8 @@ def _column_kernel(slot_ref, evict_ref, q_ref, k_ref, v_ref, beta_ref, *refs, gr
     def _():
         state_ref[b, h, :, cols] = s
 
-    ss_ref[b, h, j, :] = jnp.full((8,), jnp.sum(o * o), F32)  # 8 lanes: a vector store (all equal; lane 0 is read)
+    lane = lax.broadcasted_iota(jnp.int32, (8,), 0)  # 8 lanes: a vector store
+    ss_ref[b, h, j, :] = jnp.where(lane == 0, jnp.sum(o * o), jnp.where(lane == 1, gamma_part, 0.0))
     py_ref[b, h, j, :] = jnp.sum(_rnd(o * o_norm, cdt)[:, None] * w, axis=0)
 
 
@@ -215,9 +224,7 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
     _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
     bsz, hq, d = q.shape
     hkv = ring_k.shape[1]
-    if u.ndim != 2 or u.shape[0] != bsz or g_proj.shape != (u.shape[1], hq):
-        raise ValueError(f"fused_delta_decode: u must be [B={bsz}, hidden] and g_proj [hidden, Hq={hq}]; got u "
-                         f"{u.shape}, g_proj {g_proj.shape}")
+    _check_u(u, g_proj, bsz, hq)
     cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -253,17 +260,15 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
     return y, new_state
 
 
-def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, gamma, o_norm, o_proj, *, scale,
+def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, *, scale,
                                norm_eps, compute_dtype=None, block_v=COLUMN_BLOCK, gather_in_kernel=True,
                                interpret=None):
     """The column form of fused_delta_decode (module docstring): the same step over (B, Hq, D / block_v) programs, one
-    kernel, the head finished by XLA. gamma [B, Hq] float32: u . g_proj rounded to the compute dtype (what
-    fused_delta_decode computes from u and g_proj). Other arguments and the result as in fused_delta_decode."""
+    kernel, the head finished by XLA. Arguments and the result as in fused_delta_decode."""
     _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
     bsz, hq, d = q.shape
     hkv = ring_k.shape[1]
-    if gamma.shape != (bsz, hq):
-        raise ValueError(f"fused_delta_decode_columns: gamma must be [B, Hq] = {(bsz, hq)}, got {gamma.shape}")
+    _check_u(u, g_proj, bsz, hq)
     _check_block_v(block_v, d)
     cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
     if interpret is None:
@@ -273,19 +278,27 @@ def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, g
         ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
     nj = d // block_v
     args = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g]) + [
-        o_norm, o_proj, state.astype(F32)]
+        u, g_proj, o_norm, o_proj, state.astype(F32)]
+    block = _hidden_block(u.shape[1])
     ss, py, new_state = pallas_module().pallas_call(
         functools.partial(_column_kernel, group=hq // hkv, has_decay=g is not None, gathered=not gather_in_kernel,
-                          scale=float(scale), cdt=cdt, block_v=block_v),
+                          scale=float(scale), cdt=cdt, block_v=block_v, hidden_block=block,
+                          n_hidden_blocks=u.shape[1] // block),
         grid=(bsz, hq, nj), interpret=interpret, name="fused_delta_decode_columns",
         out_shape=(jax.ShapeDtypeStruct((bsz, hq, nj, 8), F32), jax.ShapeDtypeStruct((bsz, hq, nj, d), F32),
                    jax.ShapeDtypeStruct((bsz, hq, d, d), F32)),
         input_output_aliases={len(args) - 1: 2}, compiler_params=triton_params(COLUMN_WARPS, 1))(*args)
-    gamma = gamma.astype(F32)
+    gamma = _rnd(jnp.sum(ss[..., 1], axis=2), cdt)  # u . g_proj[:, h] as the XLA path rounds it
     scale_h = lax.rsqrt(jnp.sum(ss[..., 0], axis=2) / d + norm_eps) * (gamma / (1.0 + jnp.exp(-gamma)))  # rms, silu
     y = jnp.sum(py, axis=2) * scale_h[..., None]
     y = jnp.where(evict[:, None, None], y, 0.0).astype(cdt)
     return y.reshape(bsz, hq * d), new_state
+
+
+def _check_u(u, g_proj, bsz, hq):
+    if u.ndim != 2 or u.shape[0] != bsz or g_proj.shape != (u.shape[1], hq):
+        raise ValueError(f"fused_delta_decode: u must be [B={bsz}, hidden] and g_proj [hidden, Hq={hq}]; got u "
+                         f"{u.shape}, g_proj {g_proj.shape}")
 
 
 def _check_block_v(block_v, d):

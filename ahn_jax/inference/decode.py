@@ -56,9 +56,8 @@ FUSED_MEMORY_DECODE = "auto"
 # version"): off.
 FUSED_MEMORY_BLOCK_V = None
 # An int (dividing head_dim): the column form instead (pallas_kernels/memory_decode.fused_delta_decode_columns): one
-# kernel over (B, Hq, head_dim / block) programs that also writes the head's per-column partials, finished by XLA;
-# the head's gate projection gamma = u . g_proj is a 2-row gemm here (it can join the q/k/v gemm). Takes precedence
-# over FUSED_MEMORY_BLOCK_V.
+# kernel over (B, Hq, head_dim / block) programs that also writes the head's partials (per value block; the gate dot
+# shared out by hidden blocks), finished by XLA. Takes precedence over FUSED_MEMORY_BLOCK_V.
 FUSED_MEMORY_COLUMNS = None
 # Decode attention (one new token per sequence) over each cache block as one Pallas kernel per block
 # (pallas_kernels/decode_attention.py: flash-decoding partials, merged here) instead of a dozen small XLA kernels.
@@ -273,21 +272,17 @@ def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, b
     [B, 1, Hq, D, D] float32, q [B, 1, Hq, D], u [B, 1, hidden], slot [B] int, evict [B] bool; columns (an int): the
     column form, else block_v picks the one-kernel / split form. Same result as the XLA path of _memory_decode
     (tests/inference/test_fused_memory_decode.py). -> (y [B, 1, Hq*D], state)."""
-    from ahn_jax.models.layers import dot_rows
     from ahn_jax.models.memory.base import compute_dtype
     from pallas_kernels import memory_decode
 
     shape, cdt = state.shape, compute_dtype(mem.dtype, q)
     common = (state.reshape(shape[0], *shape[2:]), q[:, 0], ring_k, ring_v, gates["beta"], gates.get("g"), slot, evict)
     head = dict(scale=mem.head_dim ** -0.5, norm_eps=mem.norm_eps, compute_dtype=cdt)
+    weights = (u[:, 0], mem.g_proj[...], mem.o_norm[...], mem.o_proj[...])
     if columns:
-        # gamma as DeltaNetMemory.read_out's project() rounds it (a cdt product, float32 sums), as a 2-row gemm
-        gamma = dot_rows(u[:, 0].astype(cdt), mem.g_proj[...].astype(cdt)).astype(cdt).astype(jnp.float32)
-        y, new = memory_decode.fused_delta_decode_columns(*common, gamma, mem.o_norm[...], mem.o_proj[...],
-                                                          block_v=columns, **head)
+        y, new = memory_decode.fused_delta_decode_columns(*common, *weights, block_v=columns, **head)
     else:
-        y, new = memory_decode.fused_delta_decode(*common, u[:, 0], mem.g_proj[...], mem.o_norm[...],
-                                                  mem.o_proj[...], block_v=block_v, **head)
+        y, new = memory_decode.fused_delta_decode(*common, *weights, block_v=block_v, **head)
     return y[:, None], new.reshape(shape)
 
 

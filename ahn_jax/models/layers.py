@@ -53,7 +53,7 @@ class RMSNorm(nnx.Module):
 MATVEC_ROWS = 2
 
 
-def dot_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def _dot_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x [..., in] @ kernel [in, out] with float32 accumulation (see MATVEC_ROWS for a single row)."""
     if math.prod(x.shape[:-1]) != 1 or MATVEC_ROWS <= 1:
         return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
@@ -71,7 +71,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., in] -> [..., out] in the kernel dtype (float32 accumulation)."""
         kernel = self.kernel[...]
-        y = dot_rows(x.astype(kernel.dtype), kernel)
+        y = _dot_rows(x.astype(kernel.dtype), kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(kernel.dtype)

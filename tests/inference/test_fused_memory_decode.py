@@ -67,7 +67,8 @@ QWEN25_3B_DIMS = dict(hidden=2048, hq=16, hkv=2)  # what benchmarks/bench_decode
     (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, None, None),
     (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None, None),
     (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, 32, None),
-    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None, 16)])
+    (GatedDeltaNetMemory, 128, jnp.bfloat16, QWEN25_3B_DIMS, None, 16),
+    (GatedDeltaNetMemory, 128, jnp.float32, QWEN25_3B_DIMS, None, 64)])  # 2 programs per head: 2 gate blocks each
 def test_fused_step_equals_the_xla_path(cls, head_dim, dtype, dims, block_v, columns):
     """block_v None: the one-kernel form; an int: the split form (state kernel over value blocks + head kernel);
     columns an int: the column form (one kernel over value blocks, the head's partials finished by XLA)."""

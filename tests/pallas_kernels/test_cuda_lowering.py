@@ -53,7 +53,7 @@ def test_fused_delta_decode_columns_lowers_to_triton_for_cuda(monkeypatch, gated
     args = [S((B, HQ, D, D), jnp.float32), S((B, HQ, D), jnp.bfloat16), S((B, HKV, R, D), jnp.bfloat16),
             S((B, HKV, R, D), jnp.bfloat16), S((B, R, HQ), jnp.float32),
             S((B, R, HQ), jnp.float32) if gated else None, S((B,), jnp.int32), S((B,), jnp.bool_),
-            S((B, HQ), jnp.float32), S((D,), jnp.float32), S((HQ, D, D), jnp.float32)]
+            S((B, 256), jnp.bfloat16), S((256, HQ), jnp.float32), S((D,), jnp.float32), S((HQ, D, D), jnp.float32)]
 
     def step(*a):
         return memory_decode.fused_delta_decode_columns(*a, scale=D ** -0.5, norm_eps=1e-5, interpret=False)
