@@ -145,8 +145,8 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False
     attention_visible(q_pos, k_pos, window, sinks) & k_valid; a query that sees no key gets zeros.
     Query head h uses KV head h // (Hq / Hkv) (as models.hybrid.repeat_kv). Scores, softmax and the weighted sum
     accumulate in float32 (the probabilities meet V in V's dtype, as in ops.attention). Returns [B, Tq, Hq, D] in
-    q's dtype. kernel (decode, Tq = 1): each block whose length a power-of-two split divides goes through the Pallas
-    kernel (pallas_kernels/decode_attention.py), which returns the same per-split partials.
+    q's dtype. kernel (decode, Tq = 1): the blocks whose length a power-of-two split divides go through one launch of the
+    Pallas kernel (pallas_kernels/decode_attention.py), which returns the same per-split partials.
     """
     B, tq, hq, d = q.shape
     blocks = [b for b in blocks if b[0].shape[2] > 0]
@@ -169,16 +169,19 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False
     # XLA only B * Hq rows to reduce over, so a 131k-key softmax ran on 16 thread blocks (H100 profile,
     # benchmarks/RESULTS.md); with splits of L keys there are B * Hq * N / L rows.
     parts = []
-    for k, v, k_pos, k_valid in blocks:
-        n = k.shape[2]
-        if kernel and tq == 1 and _decode_attention().key_split(n, d, max(k.dtype.itemsize, q.dtype.itemsize)):
-            m, den, num = _decode_attention().decode_attention_partials(
-                q[:, 0].reshape(B, hkv, hq // hkv, d), k, v, k_pos, k_valid, q_pos[:, 0], window=window, sinks=sinks,
-                scale=scale_f)
+    if kernel and tq == 1:  # every block a split divides: one kernel launch for all of them
+        fits = [_decode_attention().key_split(b[0].shape[2], d, max(b[0].dtype.itemsize, q.dtype.itemsize)) is not None
+                for b in blocks]
+        if any(fits):
+            m, den, num = _decode_attention().decode_attention_partials_blocks(
+                q[:, 0].reshape(B, hkv, hq // hkv, d), [b for b, f in zip(blocks, fits) if f], q_pos[:, 0],
+                window=window, sinks=sinks, scale=scale_f)
             # [B, Hkv, ns, G(, D)] -> the XLA layout below: [B, Hkv, G, Tq = 1, ns(, D)]
             parts.append((jnp.swapaxes(m, 2, 3)[:, :, :, None], jnp.swapaxes(den, 2, 3)[:, :, :, None],
                           jnp.swapaxes(num, 2, 3)[:, :, :, None]))
-            continue
+            blocks = [b for b, f in zip(blocks, fits) if not f]
+    for k, v, k_pos, k_valid in blocks:
+        n = k.shape[2]
         length = _key_split(n, B * hq * tq)
         ns = n // length
         mask = attention_visible(q_pos[:, :, None], k_pos[:, None, :], window, sinks) & k_valid[:, None, :]

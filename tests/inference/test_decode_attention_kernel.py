@@ -37,9 +37,9 @@ def _blocks(hkv, dtype, seed, sizes=(16, 48, 12)):
                                                     (jnp.bfloat16, 1, 5, 3)])
 def test_kernel_partials_merge_to_block_attention(dtype, hkv, window, sinks, monkeypatch):
     calls = []
-    kernel = decode_attention.decode_attention_partials
-    monkeypatch.setattr(decode_attention, "decode_attention_partials",
-                        lambda *a, **k: calls.append(a[1].shape[2]) or kernel(*a, **k))
+    kernel = decode_attention.decode_attention_partials_blocks
+    monkeypatch.setattr(decode_attention, "decode_attention_partials_blocks",
+                        lambda *a, **k: calls.append(sorted(b[0].shape[2] for b in a[1])) or kernel(*a, **k))
     blocks = _blocks(hkv, dtype, seed=hkv)
     q = jax.random.normal(jax.random.key(7), (B, 1, HQ, D), jnp.float32).astype(dtype)
     q_pos = jnp.asarray([[3], [40], [75]], jnp.int32)  # sees few keys / the middle / everything (76 keys)
@@ -48,7 +48,7 @@ def test_kernel_partials_merge_to_block_attention(dtype, hkv, window, sinks, mon
                                                                       kernel=kernel), static_argnums=3)
     want = attend(q, blocks, q_pos, False)
     got = attend(q, blocks, q_pos, True)
-    assert sorted(calls) == [16, 48], calls  # the 12-key block kept the XLA form
+    assert calls == [[16, 48]], calls  # one launch for both; the 12-key block kept the XLA form
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
 
@@ -71,9 +71,9 @@ def test_partials_reject_a_block_no_split_divides():
 def test_prefill_then_kernel_decode_equals_parallel_forward(monkeypatch):
     """Window 15 + 16 sinks: the ring (16 slots) and the sink block both go through the kernel."""
     calls = []
-    kernel = decode_attention.decode_attention_partials
-    monkeypatch.setattr(decode_attention, "decode_attention_partials",
-                        lambda *a, **k: calls.append(a[1].shape[2]) or kernel(*a, **k))
+    kernel = decode_attention.decode_attention_partials_blocks
+    monkeypatch.setattr(decode_attention, "decode_attention_partials_blocks",
+                        lambda *a, **k: calls.append(tuple(b[0].shape[2] for b in a[1])) or kernel(*a, **k))
     monkeypatch.setattr(decode, "DECODE_ATTENTION_KERNEL", True)
     model = make("gated_deltanet", 15, 16)
     ids = random_ids(2, 38, seed=4)  # positions 31.. evict into the memory
@@ -84,14 +84,14 @@ def test_prefill_then_kernel_decode_equals_parallel_forward(monkeypatch):
         logits, cache = dec.decode(ids[:, t], cache)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, t]), atol=1e-4, rtol=0,
                                    err_msg=f"kernel decode at position {t}")
-    assert set(calls) == {16}, calls
+    assert set(calls) == {(16, 16)}, calls  # sinks and ring in one launch
 
 
 def test_greedy_loop_gets_the_switch_and_the_same_tokens(monkeypatch):
     model = make("gated_deltanet", 15, 16)
     ids = random_ids(2, 24, seed=5)
     out, traced = greedy_with_switch_off_and_on(monkeypatch, Decoder(model), ids, 8, "DECODE_ATTENTION_KERNEL",
-                                                decode_attention, "decode_attention_partials")
+                                                decode_attention, "decode_attention_partials_blocks")
     assert traced, "the greedy loop never traced the kernel"
     np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
 

@@ -86,3 +86,25 @@ def test_decode_attention_lowers_to_triton_for_cuda(monkeypatch, dtype, d):
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
     text = exported.mlir_module()
     assert text.count(TRITON_CALL) == 1 and "decode_attention" in text
+
+
+def test_two_block_decode_attention_lowers_to_one_triton_kernel(monkeypatch):
+    """A cache's sink block (128 keys) and ring (1024) in one launch: per-block branches on the split index."""
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    import pallas_kernels.decode_attention as decode_attention
+
+    monkeypatch.setattr(decode_attention, "triton_params",
+                        lambda w, s: plgpu_triton.CompilerParams(num_warps=w, num_stages=s))
+    B, HKV, G, D = 1, 2, 8, 128
+    blocks = [(S((B, HKV, n, D), jnp.bfloat16), S((B, HKV, n, D), jnp.bfloat16), S((B, n), jnp.int32),
+               S((B, n), jnp.bool_)) for n in (128, 1024)]
+
+    def partials(q, blocks, q_pos):
+        return decode_attention.decode_attention_partials_blocks(q, blocks, q_pos, window=512, sinks=128,
+                                                                 scale=D ** -0.5, interpret=False)
+
+    exported = export.export(jax.jit(partials), platforms=("cuda",),
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(
+        S((B, HKV, G, D), jnp.bfloat16), blocks, S((B,), jnp.int32))
+    assert exported.mlir_module().count(TRITON_CALL) == 1
