@@ -115,7 +115,7 @@ def random_cache(dec, batch, context, steps, key):
         ring_pos = jnp.where(ring_pos >= s, ring_pos, -1)
     ring_pos = jnp.broadcast_to(ring_pos.astype(jnp.int32), (batch, r))
     return shapes.replace(layers=jax.tree.unflatten(treedef, filled), ring_pos=ring_pos,
-                          lengths=jnp.full((batch,), context, jnp.int32))
+                          lengths=jnp.full((batch,), context, jnp.int32), sinks_full=context >= s)
 
 
 def cache_bytes_estimate(dec, batch, context, steps):

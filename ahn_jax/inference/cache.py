@@ -44,7 +44,8 @@ class LayerCache(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class InferenceCache:
     """layers: tuple of LayerCache; ring_pos [B, R] int32; lengths [B] int32. Static: window (None = full
-    attention, the teacher), sinks, teacher."""
+    attention, the teacher), sinks, teacher, sinks_full (every sequence holds all its sinks: Decoder.prefill sets it
+    from the prompt lengths, and decode steps then compile without the sink writes, which could only be dropped)."""
 
     layers: tuple
     ring_pos: jax.Array
@@ -52,6 +53,7 @@ class InferenceCache:
     window: int | None = None
     sinks: int = 0
     teacher: bool = False
+    sinks_full: bool = False
 
     @property
     def batch(self) -> int:
@@ -66,7 +68,7 @@ class InferenceCache:
 
 
 jax.tree_util.register_dataclass(InferenceCache, data_fields=["layers", "ring_pos", "lengths"],
-                                 meta_fields=["window", "sinks", "teacher"])
+                                 meta_fields=["window", "sinks", "teacher", "sinks_full"])
 
 
 def cache_nbytes(cache) -> int:

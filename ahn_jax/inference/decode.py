@@ -121,18 +121,19 @@ def _select(flag, new, old):
     return jax.tree.map(lambda n, o: jnp.where(flag.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
-def _store(buf, new, idx):
-    """buf [B, N, ...] <- new [B, Tn, ...] at slots idx [B, Tn]; idx == N (out of range) drops the write."""
+def _store(buf, new, idx, in_bounds=False):
+    """buf [B, N, ...] <- new [B, Tn, ...] at slots idx [B, Tn]; idx == N (out of range) drops the write.
+    in_bounds: the caller guarantees every idx < N (no drop test in the scatter)."""
     rows = jnp.arange(buf.shape[0])[:, None]
-    return buf.at[rows, idx].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[rows, idx].set(new.astype(buf.dtype), mode="promise_in_bounds" if in_bounds else "drop")
 
 
-def _store_kv(buf, new, idx):
+def _store_kv(buf, new, idx, in_bounds=False):
     """Head-major buf [B, Hkv, N, D] <- token-major new [B, Tn, Hkv, D] at token slots idx [B, Tn] (one scatter,
-    in place on a donated buffer); idx == N drops the write."""
+    in place on a donated buffer); idx == N drops the write (in_bounds: as in _store)."""
     rows = jnp.arange(buf.shape[0])[:, None]
     # Advanced indices split by a slice: the indexed view is [B, Tn, Hkv, D], new's own layout.
-    return buf.at[rows, :, idx].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[rows, :, idx].set(new.astype(buf.dtype), mode="promise_in_bounds" if in_bounds else "drop")
 
 
 def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False):
@@ -347,16 +348,17 @@ def _memory_prefill(mem, lc, q, k, v, u, p0, first_valid, window, sinks):
     return y, per_sequence_state(state, B), new_gates
 
 
-def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx):
+def _write(lc: LayerCache, k, v, new_gates, ring_idx, sink_idx, ring_in_bounds=False):
     """Store the step's tokens (k, v [B, Tc, Hkv, D]; gates leaves [B, Tc, ...]). Only the last min(Tc, R) can still
     be in the ring (distinct slots, no write collisions) and only the first min(Tc, S) can be sinks; ring_idx
-    [B, min(Tc, R)] and sink_idx [B, min(Tc, S)] come from _slots (out of range = dropped)."""
+    [B, min(Tc, R)] and sink_idx [B, min(Tc, S)] (or [B, 0]: no sink writes) come from _slots (out of range =
+    dropped). ring_in_bounds: every ring_idx is a real slot (see _forward)."""
     tc, keep, ns = k.shape[1], ring_idx.shape[1], sink_idx.shape[1]
-    ring_k = _store_kv(lc.ring_k, k[:, tc - keep:], ring_idx)
-    ring_v = _store_kv(lc.ring_v, v[:, tc - keep:], ring_idx)
+    ring_k = _store_kv(lc.ring_k, k[:, tc - keep:], ring_idx, ring_in_bounds)
+    ring_v = _store_kv(lc.ring_v, v[:, tc - keep:], ring_idx, ring_in_bounds)
     gates = lc.gates
     if gates is not None:
-        gates = jax.tree.map(lambda g, n: _store(g, n[:, tc - keep:], ring_idx), gates, new_gates)
+        gates = jax.tree.map(lambda g, n: _store(g, n[:, tc - keep:], ring_idx, ring_in_bounds), gates, new_gates)
     sink_k, sink_v = lc.sink_k, lc.sink_v
     if ns:
         sink_k = _store_kv(sink_k, k[:, :ns], sink_idx)
@@ -377,7 +379,9 @@ def _layer(layer, mem, lc: LayerCache, cache: InferenceCache, x, positions, ring
     sink_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (B, s))
     sink_valid = sink_pos < lengths[:, None]
     if decoding:  # write first, then read only the written buffers (no copy of any buffer; module docstring)
-        new = _write(lc, k, v, mem.write_gates(u) if feeds_evicted else None, ring_idx, sink_idx)
+        # A hybrid decode step past the sinks with every sequence active writes a real ring slot: (p - S) % R.
+        in_bounds = cache.window is not None and cache.sinks_full and active is None
+        new = _write(lc, k, v, mem.write_gates(u) if feeds_evicted else None, ring_idx, sink_idx, in_bounds)
         blocks = [(new.sink_k, new.sink_v, sink_pos, sink_valid), (new.ring_k, new.ring_v, ring_pos, ring_pos >= 0)]
         o = block_attention(q, blocks, positions, window=cache.window, sinks=s, kernel=attention_kernel)
         state, y = lc.memory, None
@@ -412,7 +416,8 @@ def _forward(graphdef, state, cache: InferenceCache, ids, active, *, decoding, f
     positions = cache.lengths[:, None] + jnp.arange(tc, dtype=jnp.int32)[None]
     keep = min(tc, r)
     ring_idx, _ = _slots(cache, positions[:, tc - keep:])
-    _, sink_idx = _slots(cache, positions[:, :min(tc, cache.sinks)])
+    # sinks_full: every position is past the sinks, so no sink write could land (skip them rather than drop them).
+    _, sink_idx = _slots(cache, positions[:, :0 if cache.sinks_full else min(tc, cache.sinks)])
     consumed = jnp.full((B,), tc, jnp.int32)
     if active is not None:
         ring_idx = jnp.where(active[:, None], ring_idx, r)
@@ -549,6 +554,8 @@ class Decoder:
             logits, cache = self._call(cache, ids_j[:, j:j + 1], active, decoding=True)
             last = jnp.where(active[:, None], logits[:, 0], last)
             parts.append(logits)
+        if common >= cache.sinks:  # every sequence holds its sinks: decode steps need no sink writes
+            cache = cache.replace(sinks_full=True)
         if not return_all_logits:
             return last, cache
         full = jnp.concatenate(parts, axis=1)

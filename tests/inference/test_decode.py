@@ -48,6 +48,23 @@ def test_prefill_plus_decode_equals_parallel_forward(memory, window, sinks):
     _check_prefill_then_decode(dec, ids, ref, split=11, chunk=8)
 
 
+def test_sink_writes_are_skipped_only_once_every_prompt_holds_its_sinks():
+    """cache.sinks_full (decode compiled without sink writes and with in-bounds ring writes) is set by a prefill whose
+    every prompt reaches the sinks; a shorter prompt keeps the sink writes, and decode still fills them correctly."""
+    model = make("gated_deltanet", 5, 3)
+    ids = random_ids(2, 10, seed=3)
+    ref = parallel_logits(model, ids)
+    dec = Decoder(model)
+    assert dec.prefill(ids[:, :3])[1].sinks_full
+    assert not dec.prefill(ids[:, :4], lengths=[4, 2])[1].sinks_full
+    _, cache = dec.prefill(ids[:, :2])
+    assert not cache.sinks_full
+    for t in range(2, ids.shape[1]):  # positions 2 (the last sink) .. 9 (evicting into the memory)
+        logits, cache = dec.decode(ids[:, t], cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, t]), atol=TOL, rtol=0,
+                                   err_msg=f"decode position {t} after a prefill of 2 (sinks 3)")
+
+
 @pytest.mark.parametrize("memory", ["gated_deltanet", "ttt_mlp"])
 def test_the_memory_contributes_so_the_tests_can_fail(memory):
     model = make(memory, 6, 0)
