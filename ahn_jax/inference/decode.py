@@ -55,10 +55,15 @@ FUSED_MEMORY_DECODE = "auto"
 # per step vs 0.455 for the one kernel (the head costs what was saved), greedy within noise (RESULTS.md, "Fifth
 # version"): off.
 FUSED_MEMORY_BLOCK_V = None
-# An int (dividing head_dim): the column form instead (pallas_kernels/memory_decode.fused_delta_decode_columns): one
-# kernel over (B, Hq, head_dim / block) programs that also writes the head's partials (per value block; the gate dot
-# shared out by hidden blocks), finished by XLA. Takes precedence over FUSED_MEMORY_BLOCK_V.
-FUSED_MEMORY_COLUMNS = None
+# FUSED_MEMORY_COLUMNS, an int (dividing head_dim): the column form instead (pallas_kernels/memory_decode.
+# fused_delta_decode_columns): one kernel over (B, Hq, head_dim / block) programs that also writes the head's
+# partials (per value block; the gate dot shared out by hidden blocks), finished by XLA; it takes precedence over
+# FUSED_MEMORY_BLOCK_V. None: off. "auto": 16-column blocks where the one-kernel form would have fewer than
+# COLUMNS_BELOW_PROGRAMS programs (batch x query heads), else off. H100, Qwen2.5-3B shapes, 128k context, greedy ms
+# per token, one kernel vs columns: batch 1 4.40 vs 4.25 (W=8,192), 4.81 vs 4.60 (W=32,640); batch 32 10.40 vs 10.85,
+# 21.52 vs 22.10 (benchmarks/RESULTS.md, decode "Seventh version"; the kernel itself 12.6 -> 5.0 us per layer at b1).
+FUSED_MEMORY_COLUMNS = "auto"
+COLUMNS_BELOW_PROGRAMS = 132  # an H100's SMs
 # Decode attention (one new token per sequence) over each cache block as one Pallas kernel per block
 # (pallas_kernels/decode_attention.py: flash-decoding partials, merged here) instead of a dozen small XLA kernels.
 # H100, Qwen2.5-3B shapes, 128k context, ms per token in Decoder.greedy, XLA -> kernel: full KV b1 5.60 -> 5.46;
@@ -84,6 +89,12 @@ def decode_attention_kernel_enabled() -> bool:
     if DECODE_ATTENTION_KERNEL == "auto":
         return jax.default_backend() == "gpu"
     return bool(DECODE_ATTENTION_KERNEL)
+
+
+def auto_memory_columns(batch: int, heads: int, head_dim: int):
+    """FUSED_MEMORY_COLUMNS="auto" for a step of `batch` sequences: 16-column blocks (the column form) when the
+    one-kernel form would run fewer than COLUMNS_BELOW_PROGRAMS programs, else None (the one-kernel form)."""
+    return 16 if batch * heads < COLUMNS_BELOW_PROGRAMS and head_dim % 16 == 0 else None
 
 
 def _fused_memory_static():
@@ -306,6 +317,8 @@ def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, win
     slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
     if fused and fuses_memory_decode(mem):
         block_v, columns = (tuple(fused[1:]) + (None, None))[:2] if isinstance(fused, tuple) else (None, None)
+        if columns == "auto":
+            columns = auto_memory_columns(pos.shape[0], hq, q.shape[-1])
         return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v, columns)
     rows = jnp.arange(pos.shape[0])
     k_old, v_old = ring_k[rows, :, slot], ring_v[rows, :, slot]  # [B, Hkv, D]

@@ -169,10 +169,21 @@ def test_fused_greedy_loop_matches_the_xla_greedy_loop(monkeypatch):
     """Decoder.greedy compiles its own loop: the switch must reach it too (and give the same tokens)."""
     model = make("gated_deltanet", 5, 3)
     ids = random_ids(2, 9, seed=2)
+    # batch 2 x 4 heads: FUSED_MEMORY_COLUMNS="auto" picks the column form
     out, traced = greedy_with_switch_off_and_on(monkeypatch, Decoder(model), ids, 4, "FUSED_MEMORY_DECODE",
-                                                memory_decode, "fused_delta_decode")
+                                                memory_decode, "fused_delta_decode_columns")
     assert traced, "the greedy loop never traced the fused kernel"
     np.testing.assert_array_equal(np.asarray(out[True]), np.asarray(out[False]))
+
+
+def test_auto_columns_rule():
+    """The column form where the one-kernel form has fewer programs than an H100 has SMs (batch 1 of Qwen2.5-3B: 16),
+    the one-kernel form from there (batch 32: 512), and never for a head size 16 does not divide."""
+    assert decode.auto_memory_columns(1, 16, 128) == 16
+    assert decode.auto_memory_columns(8, 16, 128) == 16
+    assert decode.auto_memory_columns(9, 16, 128) is None
+    assert decode.auto_memory_columns(32, 16, 128) is None
+    assert decode.auto_memory_columns(1, 16, 24) is None
 
 
 def test_auto_switch_fuses_on_gpus_only(monkeypatch):
