@@ -221,16 +221,11 @@ def fused_delta_decode(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj
     (B, Hq) (at batch 1 the one-kernel form has only Hq programs); None: one kernel.
     Returns (y [B, Hq * D] in compute_dtype, zero where evict is False; new state [B, Hq, D, D] float32).
     """
-    _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
     bsz, hq, d = q.shape
+    cdt, interpret, slot, ring_k, ring_v, beta, g = _prepare(
+        state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, compute_dtype, gather_in_kernel,
+        interpret)
     hkv = ring_k.shape[1]
-    _check_u(u, g_proj, bsz, hq)
-    cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    slot = slot.astype(jnp.int32)
-    if not gather_in_kernel:
-        ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
     hidden = u.shape[1]
     block = _hidden_block(hidden)
     pl = pallas_module()
@@ -265,17 +260,12 @@ def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, u
                                interpret=None):
     """The column form of fused_delta_decode (module docstring): the same step over (B, Hq, D / block_v) programs, one
     kernel, the head finished by XLA. Arguments and the result as in fused_delta_decode."""
-    _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
     bsz, hq, d = q.shape
+    cdt, interpret, slot, ring_k, ring_v, beta, g = _prepare(
+        state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, compute_dtype, gather_in_kernel,
+        interpret)
     hkv = ring_k.shape[1]
-    _check_u(u, g_proj, bsz, hq)
     _check_block_v(block_v, d)
-    cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    slot = slot.astype(jnp.int32)
-    if not gather_in_kernel:
-        ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
     nj = d // block_v
     args = [slot, evict.astype(jnp.int32), q, ring_k, ring_v, beta] + ([] if g is None else [g]) + [
         u, g_proj, o_norm, o_proj, state.astype(F32)]
@@ -293,6 +283,21 @@ def fused_delta_decode_columns(state, q, ring_k, ring_v, beta, g, slot, evict, u
     y = jnp.sum(py, axis=2) * scale_h[..., None]
     y = jnp.where(evict[:, None, None], y, 0.0).astype(cdt)
     return y.reshape(bsz, hq * d), new_state
+
+
+def _prepare(state, q, ring_k, ring_v, beta, g, slot, evict, u, g_proj, o_norm, o_proj, compute_dtype,
+             gather_in_kernel, interpret):
+    """Shared by the fused forms: shape checks, the compute dtype, interpret mode, int32 slots and (gather_in_kernel
+    False) the evicted rows gathered by XLA -> (cdt, interpret, slot, ring_k, ring_v, beta, g)."""
+    _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj)
+    _check_u(u, g_proj, q.shape[0], q.shape[1])
+    cdt = jnp.dtype(q.dtype if compute_dtype is None else compute_dtype)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    slot = slot.astype(jnp.int32)
+    if not gather_in_kernel:
+        ring_k, ring_v, beta, g = _gather_evicted(ring_k, ring_v, beta, g, slot)
+    return cdt, interpret, slot, ring_k, ring_v, beta, g
 
 
 def _check_u(u, g_proj, bsz, hq):
@@ -320,7 +325,7 @@ def _check_step(state, q, ring_k, ring_v, beta, g, slot, evict, o_norm, o_proj):
             or hq % ring_k.shape[1]:
         raise ValueError(f"fused_delta_decode: ring_k, ring_v must be [B={bsz}, Hkv, R, D={d}] with Hq={hq} a "
                          f"multiple of Hkv; got ring_k {ring_k.shape}, ring_v {ring_v.shape}")
-    hkv, ring = ring_k.shape[1], ring_k.shape[2]
+    ring = ring_k.shape[2]
     if state.shape != (bsz, hq, d, d):
         raise ValueError(f"fused_delta_decode: state must be [B, Hq, D, D] = {(bsz, hq, d, d)}, got {state.shape}")
     for name, x in (("beta", beta), ("g", g)):
