@@ -77,6 +77,7 @@ def test_train_tiny_runs_on_cpu(tmp_path, monkeypatch):
     assert "beyond-window acc" in out
 
 
+@pytest.mark.slow  # 21 s; its kernel-vs-reference checks are the fast suite's tests/pallas_kernels (structure: above)
 def test_kernels_runs_on_cpu(tmp_path, monkeypatch):
     out = _stdout(_execute(ROOT / "colab" / "kernels.ipynb", tmp_path, monkeypatch))
     assert "interpret=True" in out
