@@ -532,7 +532,8 @@ def main(argv=None):
     base = build_base(args.layers, args.smoke)
     weight_bytes = cache_nbytes(nnx_state(base))
     result = {"device": str(device), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "fused_block_v": args.fused_block_v, "fused_columns": args.fused_columns, "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
+              "fused_block_v": args.fused_block_v, "fused_columns": args.fused_columns,
+              "donate_logits": args.donate_logits, "shapes": "smoke" if args.smoke else "Qwen2.5-3B",
               "layers": args.layers or 36, "windows": windows, "sinks": args.sinks, "steps": args.steps,
               "repeats": args.repeats, "weights_bytes": weight_bytes,
               "decode_cache": "random contents standing for the context (no prefill)", "prefill": {}, "decode": [],

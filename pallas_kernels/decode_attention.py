@@ -10,8 +10,9 @@ cost is of the order of the bytes they read. Here one program per (sequence b, K
     m     = max_n s (masked: MASKED)      p = exp(s - m) (masked: 0)      l = sum_n p      acc = p @ v (p in v's dtype)
 
 and the caller merges the splits (and other blocks) with one global max, as block_attention does. Several blocks (a
-cache's sinks and its ring) go through one launch: the grid's split axis runs over every block's splits in turn. The G query rows
-are padded to 16 (the smallest Triton dot). Forward only: decode is never differentiated. Imports only jax/numpy.
+cache's sinks and its ring) go through one launch: the grid's split axis runs over every block's splits in turn. The
+G query rows are padded to 16 (the smallest Triton dot). Forward only: decode is never differentiated. Imports only
+jax/numpy.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ Column form (fused_delta_decode_columns): the split form's grid without its seco
 its [D, block_v] state slice and the matching block_v rows of o_proj[h] before anything that depends on the ring
 slot, updates and reads out its columns, and writes partials of the head: ss = sum of its o^2, its share of the gate
 dot u . g_proj[:, h] (by hidden blocks) and py = sum_i rnd(o_i o_norm_i) o_proj[h, i, :] ([D] float32). XLA finishes
-the head, y_h = rsqrt(sum_j ss / D + eps) silu(gamma_h) sum_j py_j (fused into the layer's next elementwise kernel). The RMS scale and the gate are per-head scalars factored out of the o_proj sum:
-the same math in float32; in bf16 the operand rounded before the o_proj product is o * o_norm instead of the whole
-normed row (ulp-level differences).
+the head, y_h = rsqrt(sum_j ss / D + eps) silu(gamma_h) sum_j py_j (fused into the layer's next elementwise kernel).
+The RMS scale and the gate are per-head scalars factored out of the o_proj sum: the same math in float32; in bf16 the
+operand rounded before the o_proj product is o * o_norm instead of the whole normed row (ulp-level differences).
 
 Two ways to get the evicted token: gather_in_kernel=True indexes the ring refs at the slot loaded from `slot`
 (dynamic scalar indices, which the Triton lowering turns into pointer offsets); False gathers the [B, Hkv, D] rows and
@@ -59,7 +59,7 @@ from pallas_kernels.common import F32, pallas_module, triton_params
 NUM_WARPS = 8
 SPLIT_STATE_WARPS = 4  # the split form's state kernel holds a [D, block_v] slice only
 COLUMN_BLOCK = 16  # the column form's value columns per program: 128 programs for Qwen2.5-3B at batch 1
-COLUMN_WARPS = 4  # the split form's state kernel holds a [D, block_v] slice only
+COLUMN_WARPS = 4  # a [D, 16] state slice and [16, D] o_proj rows per program
 _L2_EPS = 1e-6  # ops.gated_delta.l2_normalize
 
 

@@ -157,8 +157,8 @@ def block_attention(q, blocks, q_pos, *, window, sinks, scale=None, kernel=False
     attention_visible(q_pos, k_pos, window, sinks) & k_valid; a query that sees no key gets zeros.
     Query head h uses KV head h // (Hq / Hkv) (as models.hybrid.repeat_kv). Scores, softmax and the weighted sum
     accumulate in float32 (the probabilities meet V in V's dtype, as in ops.attention). Returns [B, Tq, Hq, D] in
-    q's dtype. kernel (decode, Tq = 1): the blocks whose length a power-of-two split divides go through one launch of the
-    Pallas kernel (pallas_kernels/decode_attention.py), which returns the same per-split partials.
+    q's dtype. kernel (decode, Tq = 1): the blocks whose length a power-of-two split divides go through one launch
+    of the Pallas kernel (pallas_kernels/decode_attention.py), which returns the same per-split partials.
     """
     B, tq, hq, d = q.shape
     blocks = [b for b in blocks if b[0].shape[2] > 0]
@@ -304,8 +304,8 @@ def _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, b
 def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, window, sinks, fused=False):
     """One token per sequence (Tc = 1), AFTER the new token was written: ring_k, ring_v [B, Hkv, R, D] and gates are
     the written buffers (the evicted token t - W is still in its slot: R >= W + 1). Reads only the evicted slot.
-    fused: use the Pallas kernel where fuses_memory_decode(mem): True, or ("fused", block_v, columns) as _fused_memory_static
-    gives it. Returns (y [B, 1, F], new memory state)."""
+    fused: use the Pallas kernel where fuses_memory_decode(mem): True, or ("fused", block_v, columns) as
+    _fused_memory_static gives it. Returns (y [B, 1, F], new memory state)."""
     hq = q.shape[2]
     pos = positions[:, 0]
     if _feeds_all(mem):
