@@ -58,8 +58,8 @@ FUSED_MEMORY_BLOCK_V = None
 # FUSED_MEMORY_COLUMNS, an int (dividing head_dim): the column form instead (pallas_kernels/memory_decode.
 # fused_delta_decode_columns): one kernel over (B, Hq, head_dim / block) programs that also writes the head's
 # partials (per value block; the gate dot shared out by hidden blocks), finished by XLA; it takes precedence over
-# FUSED_MEMORY_BLOCK_V. None: off. "auto": 16-column blocks where the one-kernel form would have fewer than
-# COLUMNS_BELOW_PROGRAMS programs (batch x query heads), else off. H100, Qwen2.5-3B shapes, 128k context, greedy ms
+# FUSED_MEMORY_BLOCK_V. None: off. "auto": 16-column blocks (memory_decode.COLUMN_BLOCK) where the one-kernel form
+# would have fewer than COLUMNS_BELOW_PROGRAMS programs (batch x query heads), else off. H100, Qwen2.5-3B shapes, 128k context, greedy ms
 # per token, one kernel vs columns: batch 1 4.40 vs 4.25 (W=8,192), 4.81 vs 4.60 (W=32,640); batch 32 10.40 vs 10.85,
 # 21.52 vs 22.10 (benchmarks/RESULTS.md, decode "Seventh version"; the kernel itself 12.6 -> 5.0 us per layer at b1).
 FUSED_MEMORY_COLUMNS = "auto"
@@ -92,9 +92,12 @@ def decode_attention_kernel_enabled() -> bool:
 
 
 def auto_memory_columns(batch: int, heads: int, head_dim: int):
-    """FUSED_MEMORY_COLUMNS="auto" for a step of `batch` sequences: 16-column blocks (the column form) when the
-    one-kernel form would run fewer than COLUMNS_BELOW_PROGRAMS programs, else None (the one-kernel form)."""
-    return 16 if batch * heads < COLUMNS_BELOW_PROGRAMS and head_dim % 16 == 0 else None
+    """FUSED_MEMORY_COLUMNS="auto" for a step of `batch` sequences: the column form's default block
+    (memory_decode.COLUMN_BLOCK) when the one-kernel form would run fewer than COLUMNS_BELOW_PROGRAMS programs, else
+    None (the one-kernel form)."""
+    from pallas_kernels.memory_decode import COLUMN_BLOCK
+
+    return COLUMN_BLOCK if batch * heads < COLUMNS_BELOW_PROGRAMS and head_dim % COLUMN_BLOCK == 0 else None
 
 
 def _fused_memory_static():
@@ -316,7 +319,7 @@ def _memory_decode(mem, ring_k, ring_v, gates, state, q, k, v, u, positions, win
     evict = pos >= first_memory_query(window, sinks)
     slot = (evicted_position(pos, window) - sinks) % ring_k.shape[2]  # the slot of the leaving token
     if fused and fuses_memory_decode(mem):
-        block_v, columns = (tuple(fused[1:]) + (None, None))[:2] if isinstance(fused, tuple) else (None, None)
+        _, block_v, columns = fused if isinstance(fused, tuple) else (None, None, None)
         if columns == "auto":
             columns = auto_memory_columns(pos.shape[0], hq, q.shape[-1])
         return _fused_memory_decode(mem, ring_k, ring_v, gates, state, q, u, slot, evict, block_v, columns)
