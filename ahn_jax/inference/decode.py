@@ -59,12 +59,13 @@ FUSED_MEMORY_BLOCK_V = None
 # fused_delta_decode_columns): one kernel over (B, Hq, head_dim / block) programs that also writes the head's
 # partials (per value block; the gate dot shared out by hidden blocks), finished by XLA; it takes precedence over
 # FUSED_MEMORY_BLOCK_V. None: off. "auto": 16-column blocks (memory_decode.COLUMN_BLOCK) where the one-kernel form
-# would have fewer than COLUMNS_BELOW_PROGRAMS programs (batch x query heads), else off. H100, Qwen2.5-3B shapes, 128k context, greedy ms
-# per token, one kernel vs columns: batch 1 4.40 vs 4.25 (W=8,192), 4.81 vs 4.60 (W=32,640); batch 32 10.40 vs 10.85,
-# 21.52 vs 22.10 (benchmarks/RESULTS.md, decode "Seventh version"; the kernel itself 12.6 -> 5.0 us per layer at b1).
+# would have fewer than COLUMNS_BELOW_PROGRAMS programs (batch x query heads), else off. H100, Qwen2.5-3B shapes, 128k
+# context, greedy ms per token, one kernel vs columns: batch 1 4.40 vs 4.25 (W=8,192), 4.81 vs 4.60 (W=32,640);
+# batch 32 10.40 vs 10.85, 21.52 vs 22.10 (benchmarks/RESULTS.md, decode "Seventh version"; the kernel itself
+# 12.6 -> 5.0 us per layer at b1).
 FUSED_MEMORY_COLUMNS = "auto"
 COLUMNS_BELOW_PROGRAMS = 132  # an H100's SMs
-# Decode attention (one new token per sequence) over each cache block as one Pallas kernel per block
+# Decode attention (one new token per sequence) over the cache's blocks (sinks and ring) as one Pallas kernel launch
 # (pallas_kernels/decode_attention.py: flash-decoding partials, merged here) instead of a dozen small XLA kernels.
 # H100, Qwen2.5-3B shapes, 128k context, ms per token in Decoder.greedy, XLA -> kernel: full KV b1 5.60 -> 5.46;
 # hybrid W=32,640 b1 5.17 -> 5.07, b32 23.73 -> 22.17; W=8,192 b1 5.02 -> 4.81, b32 10.78 -> 10.68; attention
